@@ -1,0 +1,198 @@
+"""RabbitMQ consumer: pika on the worker's own event loop.
+
+One connection, one channel, one exclusive auto-delete queue bound with ``#``
+to the topic exchange, consumed with automatic acknowledgement (PROTOCOL §5).
+Each delivery is handed straight to a callback on the event loop: no thread
+and no task per message.
+
+When the broker is unreachable or the connection drops, the consumer retries
+with capped exponential backoff and reports each change of state once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable
+from enum import Enum
+
+import pika
+from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.channel import Channel
+from pika.exchange_type import ExchangeType
+
+__all__ = ["Consumer", "State", "queue_name"]
+
+log = logging.getLogger("rango.amqp")
+
+BACKOFF_FIRST = 0.25
+BACKOFF_CAP = 2.0  # the broker's return is noticed within 2 s
+
+
+class State(Enum):
+    CONNECTING = "connecting"
+    CONSUMING = "consuming"
+    DISCONNECTED = "disconnected"
+    STOPPED = "stopped"
+
+
+def queue_name() -> str:
+    """A queue name an operator can trace to a host and process."""
+    return f"rango.instance.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(3)}"
+
+
+class Consumer:
+    """Consumes every event of ``exchange`` and passes it to ``on_event``."""
+
+    def __init__(
+        self,
+        url: str,
+        exchange: str,
+        on_event: Callable[[str, bytes], None],
+        on_state: Callable[[State], None] = lambda state: None,
+        queue: str | None = None,
+    ) -> None:
+        self.parameters = pika.URLParameters(url)
+        self.parameters.connection_attempts = 1
+        self.parameters.socket_timeout = 5
+        self.parameters.client_properties = {"connection_name": "rango"}
+        self.exchange = exchange
+        self.queue = queue or queue_name()
+        self.on_event = on_event
+        self.on_state = on_state
+        self.state = State.DISCONNECTED
+        self._loop = asyncio.get_running_loop()
+        self._connection: AsyncioConnection | None = None
+        self._channel: Channel | None = None
+        self._backoff = BACKOFF_FIRST
+        self._retry: asyncio.TimerHandle | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._reported = False
+
+    @property
+    def consuming(self) -> bool:
+        return self.state is State.CONSUMING
+
+    def start(self) -> None:
+        """Connect now; reconnect by itself until :meth:`stop`."""
+        self._connect()
+
+    async def stop(self) -> None:
+        """Close the connection; RabbitMQ deletes the exclusive queue with it."""
+        previous = self.state
+        self._set_state(State.STOPPED)
+        if self._retry is not None:
+            self._retry.cancel()
+        conn = self._connection
+        if conn is None or conn.is_closed:
+            return
+        self._stopped = self._loop.create_future()
+        if previous is State.CONSUMING and self._channel is not None and self._channel.is_open:
+            # Deleting explicitly also covers a broker that keeps the connection
+            # half-open after we go: no queue of this instance is left behind.
+            self._channel.queue_delete(self.queue, callback=lambda _frame: conn.close())
+        elif not conn.is_closing:
+            conn.close()
+        try:
+            await asyncio.wait_for(self._stopped, 5)
+        except TimeoutError:
+            log.warning("RabbitMQ connection did not close within 5 s")
+
+    # Connection life cycle.
+
+    def _connect(self) -> None:
+        self._retry = None
+        if self.state is State.STOPPED:
+            return
+        self._set_state(State.CONNECTING)
+        self._connection = AsyncioConnection(
+            self.parameters,
+            on_open_callback=self._on_open,
+            on_open_error_callback=self._on_open_error,
+            on_close_callback=self._on_closed,
+            custom_ioloop=self._loop,
+        )
+
+    def _on_open(self, conn: AsyncioConnection) -> None:
+        conn.channel(on_open_callback=self._on_channel)
+
+    def _on_channel(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.add_on_close_callback(self._on_channel_closed)
+        # As the publishers declare it: a non-durable topic exchange.
+        channel.exchange_declare(
+            self.exchange,
+            exchange_type=ExchangeType.topic,
+            durable=False,
+            callback=lambda _frame: channel.queue_declare(
+                self.queue,
+                durable=False,
+                exclusive=True,
+                auto_delete=True,
+                callback=lambda _frame: channel.queue_bind(
+                    self.queue, self.exchange, routing_key="#", callback=self._on_bound
+                ),
+            ),
+        )
+
+    def _on_bound(self, _frame: object) -> None:
+        assert self._channel is not None
+        self._channel.basic_consume(self.queue, self._on_message, auto_ack=True)
+        self._backoff = BACKOFF_FIRST
+        if self._reported:
+            log.warning("RabbitMQ is back")
+        self._reported = False
+        self._set_state(State.CONSUMING)
+
+    def _on_message(self, _channel: Channel, method: object, _props: object, body: bytes) -> None:
+        self.on_event(method.routing_key, body)  # type: ignore[attr-defined]
+
+    def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
+        self._channel = None
+        conn = self._connection
+        if self.state is State.STOPPED:
+            return
+        log.error("RabbitMQ channel closed: %s", reason)
+        if conn is not None and conn.is_open:
+            conn.close()  # reconnect from scratch in _on_closed
+
+    def _on_open_error(self, _conn: AsyncioConnection, error: BaseException) -> None:
+        self._lost(f"cannot connect to RabbitMQ: {_describe(error)}")
+
+    def _on_closed(self, _conn: AsyncioConnection, reason: BaseException) -> None:
+        self._connection = None
+        self._channel = None
+        if self.state is State.STOPPED:
+            if self._stopped is not None and not self._stopped.done():
+                self._stopped.set_result(None)
+            return
+        self._lost(f"RabbitMQ connection lost: {_describe(reason)}")
+
+    def _lost(self, message: str) -> None:
+        if self.state is State.STOPPED:
+            return
+        if not self._reported:
+            # One line per change of state, not one per retry.
+            self._reported = True
+            log.error("%s; retrying every %.2g s at most", message, BACKOFF_CAP)
+        self._set_state(State.DISCONNECTED)
+        self._retry = self._loop.call_later(self._backoff, self._connect)
+        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+
+    def _set_state(self, state: State) -> None:
+        if state is self.state:
+            return
+        previous, self.state = self.state, state
+        if state is State.CONSUMING:
+            log.info("consuming %s from exchange %s", self.queue, self.exchange)
+        elif state is State.CONNECTING and previous is State.DISCONNECTED:
+            log.debug("connecting to RabbitMQ")
+        self.on_state(state)
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}"[:200]

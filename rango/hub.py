@@ -1,0 +1,265 @@
+"""The routing core: who is subscribed to what, and where each event goes.
+
+The hub is plain Python with no I/O. Subscribers are any objects with an
+``auth``, an ordered ``subscriptions`` dict and a ``push(frame)`` method; the
+websocket layer provides them, tests provide trivial ones. For each event the
+hub checks the body once, builds the outgoing frame once and pushes the same
+bytes object to every subscriber (PROTOCOL §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
+
+import orjson
+
+from .auth import Auth
+from .protocol import Kind, event_payload, stream_kind, success, text_frame
+
+__all__ = ["Drop", "Hub", "Observer", "Subscriber"]
+
+_PUBLIC_SCOPES = frozenset(("public", "global"))
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection.
+
+    ``push`` must only queue the frame: it may not call back into the hub
+    (dropping a slow client happens later, outside the broadcast loop).
+    """
+
+    auth: Auth
+    subscriptions: dict[str, None]
+
+    def push(self, frame: bytes) -> None: ...
+
+
+class Observer:
+    """Receives subscription and client counts, e.g. to export them as metrics."""
+
+    def clients(self, count: int) -> None:
+        """The number of connected clients changed to ``count``."""
+
+    def subscriptions(self, kind: str, topic: str, count: int) -> None:
+        """The number of subscriptions to ``topic`` of ``kind`` changed to ``count``."""
+
+
+class Drop(Exception):
+    """An event was dropped; ``reason`` is a short constant suitable as a metric label."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Book:
+    """A stored order book: the snapshot frame and the increment frames after it."""
+
+    __slots__ = ("increments", "snapshot")
+
+    def __init__(self, snapshot: bytes) -> None:
+        self.snapshot = snapshot
+        self.increments: list[bytes] = []
+
+
+class Hub:
+    """Subscriptions, order-book stores and event routing for one worker."""
+
+    def __init__(
+        self,
+        rbac: Mapping[str, frozenset[str]] | None = None,
+        *,
+        max_increments: int = 10_000,
+        max_subscriptions: int = 1024,
+        encode: Callable[[bytes], bytes] = text_frame,
+        observer: Observer | None = None,
+    ) -> None:
+        self.rbac = dict(rbac or {})
+        self.max_increments = max_increments
+        self.max_subscriptions = max_subscriptions
+        self.encode = encode
+        self.observer = observer or Observer()
+        self.public: dict[str, set[Subscriber]] = {}
+        self.prefixed: dict[str, set[Subscriber]] = {}
+        # uid -> event -> subscribers: a private event reaches one user only.
+        self.private: dict[str, dict[str, set[Subscriber]]] = {}
+        self.books: dict[str, _Book] = {}
+        self.clients = 0
+        self.events_received = 0
+        self.frames_sent = 0
+        self._counts: dict[tuple[str, str], int] = {}
+
+    # Connections.
+
+    def connect(self, client: Subscriber, streams: Iterable[str] = ()) -> None:
+        """Register a new connection and subscribe it to its query-string streams.
+
+        Always pushes the ``subscribed`` answer, even for no streams (PROTOCOL §2).
+        """
+        self.clients += 1
+        self.observer.clients(self.clients)
+        self.subscribe(client, streams)
+
+    def disconnect(self, client: Subscriber) -> None:
+        """Forget a connection and all its subscriptions."""
+        for stream in client.subscriptions:
+            self._remove(client, stream)
+        client.subscriptions.clear()
+        self.clients -= 1
+        self.observer.clients(self.clients)
+
+    # Requests.
+
+    def subscribe(self, client: Subscriber, streams: Iterable[str]) -> None:
+        """Subscribe ``client``, then push the list of all its subscriptions.
+
+        Subscribing to ``<market>.<base>-inc`` pushes the stored snapshot and
+        increments first, so the client's book starts complete (PROTOCOL §5).
+        """
+        for stream in streams:
+            if stream in client.subscriptions:
+                continue
+            kind = stream_kind(stream)
+            if kind is None or not all(stream.split(".")):
+                continue  # no routing key can ever match it
+            if len(client.subscriptions) >= self.max_subscriptions:
+                reason = f"cannot subscribe to {stream}: too many subscriptions"
+                client.push(self.encode(success(reason)))
+                continue
+            if kind is Kind.PRIVATE:
+                uid = client.auth.uid
+                if not uid:
+                    continue  # anonymous: silently not subscribed (PROTOCOL §4)
+                self.private.setdefault(uid, {}).setdefault(stream, set()).add(client)
+            elif kind is Kind.PUBLIC:
+                self.public.setdefault(stream, set()).add(client)
+                if stream.endswith("-inc"):
+                    book = self.books.get(stream[:-4])
+                    if book is not None:
+                        client.push(book.snapshot)
+                        for frame in book.increments:
+                            client.push(frame)
+            else:
+                prefix = stream.partition(".")[0]
+                if client.auth.role not in self.rbac.get(prefix, ()):
+                    client.push(self.encode(success(f"cannot subscribe to {stream}")))
+                    continue
+                self.prefixed.setdefault(stream, set()).add(client)
+            client.subscriptions[stream] = None
+            self._count(kind, stream, 1)
+        client.push(self.encode(success("subscribed", list(client.subscriptions))))
+
+    def unsubscribe(self, client: Subscriber, streams: Iterable[str]) -> None:
+        """Unsubscribe ``client``, then push the list of its remaining subscriptions."""
+        for stream in streams:
+            if stream in client.subscriptions:
+                self._remove(client, stream)
+                del client.subscriptions[stream]
+        client.push(self.encode(success("unsubscribed", list(client.subscriptions))))
+
+    def _remove(self, client: Subscriber, stream: str) -> None:
+        kind = stream_kind(stream)
+        if kind is Kind.PRIVATE:
+            uid = client.auth.uid
+            topics = self.private[uid]
+            _discard(topics, stream, client)
+            if not topics:
+                del self.private[uid]
+        elif kind is Kind.PUBLIC:
+            _discard(self.public, stream, client)
+        else:
+            _discard(self.prefixed, stream, client)
+        self._count(kind, stream, -1)  # type: ignore[arg-type]
+
+    def _count(self, kind: Kind, stream: str, delta: int) -> None:
+        key = (kind.value, stream)
+        count = self._counts.get(key, 0) + delta
+        if count:
+            self._counts[key] = count
+        else:
+            del self._counts[key]
+        self.observer.subscriptions(kind.value, stream, count)
+
+    # Events.
+
+    def route(self, routing_key: str, body: bytes) -> int:
+        """Deliver one RabbitMQ event; return the number of frames pushed.
+
+        Raises :class:`Drop` for events PROTOCOL §5 says to drop.
+        """
+        self.events_received += 1
+        parts = routing_key.split(".")
+        if len(parts) == 3 and all(parts):
+            scope, middle, event = parts
+        elif len(parts) == 2 and parts[0] in _PUBLIC_SCOPES and parts[1]:
+            scope, middle, event = parts[0], "", parts[1]
+        else:
+            raise Drop("bad_routing_key", routing_key)
+        try:
+            orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise Drop("bad_body", routing_key) from None
+
+        if scope == "private":
+            topics = self.private.get(middle)
+            subs = topics.get(event) if topics else None
+            return self._broadcast(subs, event, body)
+        if middle and scope != "public":
+            return self._broadcast(self.prefixed.get(routing_key), f"{middle}.{event}", body)
+        stream = f"{middle}.{event}" if middle else routing_key
+        if event.endswith("-inc"):
+            return self._increment(stream, body)
+        if event.endswith("-snap"):
+            return self._snapshot(stream, body)
+        return self._broadcast(self.public.get(stream), stream, body)
+
+    def _broadcast(self, subs: set[Subscriber] | None, topic: str, body: bytes) -> int:
+        if not subs:
+            return 0
+        return self._push_all(subs, self.encode(event_payload(topic, body)))
+
+    def _push_all(self, subs: set[Subscriber] | None, frame: bytes) -> int:
+        if not subs:
+            return 0
+        for client in subs:
+            client.push(frame)
+        self.frames_sent += len(subs)
+        return len(subs)
+
+    def _snapshot(self, stream: str, body: bytes) -> int:
+        base = stream[:-5]
+        first = base not in self.books
+        frame = self.encode(event_payload(stream, body))
+        self.books[base] = _Book(frame)
+        # PROTOCOL §5 (as Ranger): only a first snapshot goes out, to the
+        # subscribers that have been waiting for a book.
+        return self._push_all(self.public.get(base + "-inc"), frame) if first else 0
+
+    def _increment(self, stream: str, body: bytes) -> int:
+        base = stream[:-4]
+        book = self.books.get(base)
+        if book is None:
+            raise Drop("no_snapshot", stream)
+        if len(book.increments) >= self.max_increments:
+            # Keeping the snapshot while dropping increments would hand the next
+            # subscriber a book with a gap; forget it and wait for a fresh one,
+            # which then goes to every subscriber (no snapshot was stored).
+            del self.books[base]
+            raise Drop("increments_full", stream)
+        frame = self.encode(event_payload(stream, body))
+        book.increments.append(frame)
+        return self._push_all(self.public.get(stream), frame)
+
+    def reset_books(self) -> None:
+        """Forget every stored order book: events may have been missed (reconnect)."""
+        self.books.clear()
+
+
+def _discard(index: dict[str, set[Subscriber]], stream: str, client: Subscriber) -> None:
+    subs = index.get(stream)
+    if subs is not None:
+        subs.discard(client)
+        if not subs:
+            del index[stream]
