@@ -58,9 +58,10 @@ class Consumer:
         self.parameters = pika.URLParameters(url)
         self.parameters.connection_attempts = 1
         self.parameters.socket_timeout = 5
-        self.parameters.client_properties = {"connection_name": "rango"}
-        self.exchange = exchange
         self.queue = queue or queue_name()
+        # Named after the queue so `rabbitmqctl list_connections` shows host and pid.
+        self.parameters.client_properties = {"connection_name": self.queue}
+        self.exchange = exchange
         self.on_event = on_event
         self.on_state = on_state
         self.state = State.DISCONNECTED
