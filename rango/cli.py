@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -109,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``rango``: run the supervisor and its workers, or a tool sub-command."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.command is not None:
         return int(args.func(args) or 0)
@@ -117,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"rango: {exc}", file=sys.stderr)
         return 2
-    from workers.worker import run
-
     from .logs import setup_logging
+    from .supervisor import run
 
-    setup_logging(config.log_level_no, config.log_format)
-    return run(config)
+    setup_logging(config.log_level_no, config.log_format, "supervisor")
+    workers = config.workers or len(os.sched_getaffinity(0))
+    return run(config, argv, workers)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from .hub import Hub, Observer
 
-__all__ = ["Metrics", "serve_http"]
+__all__ = ["Exporter", "Metrics", "serve_http", "write_pid_file"]
 
 log = logging.getLogger("rango.metrics")
 
@@ -141,3 +144,144 @@ async def serve_http(
             writer.close()
 
     return await asyncio.start_server(handle, host, port, reuse_address=True)
+
+
+# Multi-process aggregation (served by the supervisor or by the exporter process).
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_PID_FILE = re.compile(r"^worker-(\d+)\.pid$")
+_DB_FILE = re.compile(r"_(\d+)\.db$")
+
+
+def write_pid_file(directory: str, worker: str) -> None:
+    """Record which pid serves worker ``worker``, for the per-worker breakdown."""
+    path = os.path.join(directory, f"worker-{worker}.pid")
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+
+
+def _proc_stats(pid: int) -> tuple[float, float, float, float] | None:
+    """``(rss bytes, cpu seconds, open fds, virtual bytes)`` of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+    # Fields after "(comm)": state is [0], utime [11], stime [12], vsize [20], rss [21].
+    cpu = (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[21]) * _PAGE, cpu, fds, int(fields[20])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Exporter:
+    """Serves the workers' metrics from a ``PROMETHEUS_MULTIPROC_DIR``.
+
+    On each scrape it forgets the live gauges of pids that are gone (a killed
+    worker leaves the sums by the next scrape), then adds the whole server's
+    ``process_*`` series (summed over this process and the live workers, with
+    Go Rango's names) and a per-worker breakdown labelled by worker index.
+    """
+
+    def __init__(self, directory: str) -> None:
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.directory = directory
+        self.registry = CollectorRegistry()
+        self._workers_collector = MultiProcessCollector(self.registry, path=directory)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.registry.register(self)
+        self._dead: set[int] = set()
+
+    def workers(self) -> dict[str, int]:
+        """Live worker pids by worker index, from the pid files the workers write."""
+        found = {}
+        for name in os.listdir(self.directory):
+            match = _PID_FILE.match(name)
+            if match is None:
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as f:
+                    pid = int(f.read().strip() or 0)
+            except (OSError, ValueError):
+                continue
+            if pid and _alive(pid):
+                found[match.group(1)] = pid
+        return found
+
+    def prune(self) -> None:
+        """Remove the live-gauge files of processes that no longer exist."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        for name in os.listdir(self.directory):
+            match = _DB_FILE.search(name)
+            if match is None or not name.startswith("gauge_live"):
+                continue
+            pid = int(match.group(1))
+            if not _alive(pid):
+                mark_process_dead(pid, self.directory)
+
+    def collect(self) -> Iterator[Metric]:
+        """The ``process_*`` sums and the per-worker breakdown."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        rss = GaugeMetricFamily(
+            "rango_worker_resident_memory_bytes", "Resident memory per process", labels=["worker"]
+        )
+        cpu = CounterMetricFamily(
+            "rango_worker_cpu_seconds", "CPU seconds per process", labels=["worker"]
+        )
+        fds = GaugeMetricFamily("rango_worker_open_fds", "Open fds per process", labels=["worker"])
+        totals = [0.0, 0.0, 0.0, 0.0]
+        processes = {"supervisor": os.getpid(), **self.workers()}
+        for worker, pid in processes.items():
+            stats = _proc_stats(pid)
+            if stats is None:
+                continue
+            rss.add_metric([worker], stats[0])
+            cpu.add_metric([worker], stats[1])
+            fds.add_metric([worker], stats[2])
+            totals = [a + b for a, b in zip(totals, stats, strict=True)]
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes", "Resident memory of all Rango processes", totals[0]
+        )
+        yield CounterMetricFamily(
+            "process_cpu_seconds", "CPU seconds of all Rango processes", totals[1]
+        )
+        yield GaugeMetricFamily("process_open_fds", "Open fds of all Rango processes", totals[2])
+        yield GaugeMetricFamily(
+            "process_virtual_memory_bytes", "Virtual memory of all Rango processes", totals[3]
+        )
+        yield rss
+        yield cpu
+        yield fds
+
+    def render(self) -> bytes:
+        self.prune()
+        return generate_latest(self.registry)
+
+    def ready(self) -> bool:
+        """True when every live worker consumes from RabbitMQ (and there is one)."""
+        workers = self.workers()
+        if not workers:
+            return False
+        self.prune()
+        states = {}
+        for family in self._workers_collector.collect():
+            if family.name == "rango_amqp_connected":
+                for sample in family.samples:
+                    states[sample.labels.get("worker")] = sample.value
+        return all(states.get(worker) == 1 for worker in workers)

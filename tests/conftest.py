@@ -102,6 +102,7 @@ class Rango:
             "RANGO_METRICS_HOST": "127.0.0.1",
             "RANGO_METRICS_PORT": str(self.metrics_port),
             "LOG_LEVEL": "debug",
+            "RANGO_WORKERS": "1",
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
@@ -131,6 +132,10 @@ class Rango:
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        """Pids of the worker processes (children of the supervisor), oldest first."""
+        return child_pids(self.pid)
 
     def url(self, path: str = "/public", query: str = "") -> str:
         return f"ws://127.0.0.1:{self.port}{path}" + (f"?{query}" if query else "")
@@ -191,6 +196,22 @@ class Rango:
     def connect(self, path: str = "/public", query: str = "", **kwargs: Any) -> ClientConnection:
         """A websocket client; the first frame (the ``subscribed`` answer) is left unread."""
         return connect(self.url(path, query), open_timeout=5, **kwargs)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Pids whose parent is ``parent``, by start time (from /proc)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            children.append((int(fields[19]), int(entry)))
+    return [pid for _, pid in sorted(children)]
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:

@@ -10,17 +10,24 @@ Environment set by a supervisor:
 ``RANGO_WORKER_INDEX``
     The worker's index, used as the ``worker`` label of per-worker metrics.
 ``RANGO_WORKER_MANAGED=1``
-    Metrics are served by the supervisor from ``PROMETHEUS_MULTIPROC_DIR``;
-    the worker does not listen on the metrics port itself.
+    Metrics are served by the supervisor (or the exporter process) from
+    ``PROMETHEUS_MULTIPROC_DIR``; the worker does not listen on the metrics
+    port itself and writes ``worker-<index>.pid`` there.
+``RANGO_STATUS_FD``
+    A pipe on which the worker reports ``listening``, ``consuming`` and
+    ``disconnected``, one word per line, so the supervisor knows when a new
+    worker can take over from an old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from rango.config import Config, ConfigError
 
@@ -43,7 +50,7 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
     from rango.amqp import Consumer, State
     from rango.hub import Drop, Hub
     from rango.logs import RateLimited
-    from rango.metrics import Metrics, serve_http
+    from rango.metrics import Metrics, serve_http, write_pid_file
     from rango.server import Server
 
     loop = asyncio.get_running_loop()
@@ -63,11 +70,14 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
                 drop.detail, _DROP_REASONS.get(drop.reason, drop.reason),
             )
 
+    status = _status_reporter()
+
     def on_state(state: State) -> None:
         metrics.amqp_connected(state is State.CONSUMING)
         if state is State.DISCONNECTED:
             # Events may be missed while away: a stored book would have a gap.
             hub.reset_books()
+        status("consuming" if state is State.CONSUMING else "disconnected")
 
     consumer = Consumer(config.amqp_url, config.exchange, on_event, on_state)
 
@@ -77,6 +87,10 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
         raise ConfigError(
             f"cannot listen on {config.ws_host}:{config.ws_port}: {exc.strerror}"
         ) from None
+    status("listening")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory and not serve_metrics:
+        write_pid_file(directory, worker)
     consumer.start()
     http = None
     if serve_metrics:
@@ -111,6 +125,19 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
     if http is not None:
         http.close()
     log.info("worker %s stopped", worker)
+
+
+def _status_reporter() -> Callable[[str], None]:
+    """A function that writes a status word to ``RANGO_STATUS_FD`` (or does nothing)."""
+    fd = int(os.environ.get("RANGO_STATUS_FD", "-1") or -1)
+    if fd < 0:
+        return lambda word: None
+
+    def report(word: str) -> None:
+        with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
+            os.write(fd, word.encode() + b"\n")
+
+    return report
 
 
 def run(config: Config, *, worker: str = "0", serve_metrics: bool = True) -> int:

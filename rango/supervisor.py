@@ -1,0 +1,317 @@
+"""The supervisor of ``rango --workers N``: spawn, watch, restart, signal, drain.
+
+Each worker is a separate process (``python -m workers.worker``) that binds the
+websocket port with ``SO_REUSEPORT`` and consumes its own exclusive queue, so
+every worker sees every event and the kernel spreads connections among them.
+The supervisor holds no client connection and routes nothing: it restarts
+workers that die, drains them on SIGTERM/SIGINT, rolls them on SIGHUP, and
+serves the aggregated metrics of all workers on the metrics port.
+
+Signals:
+
+SIGTERM, SIGINT
+    Graceful stop: each worker stops accepting, closes its clients with 1001
+    and deletes its queue; workers still alive after the shutdown timeout are
+    killed. A second signal kills at once.
+SIGHUP
+    Rolling restart, one worker at a time: start the new worker, wait until it
+    listens and consumes, then drain the old one. Connections are never
+    refused and events never lack a consumer. Use it to roll out a new key or
+    configuration (the environment is re-read from ``RANGO_ENV_FILE`` if set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+
+from .config import Config
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("rango.supervisor")
+
+# Restart delays for a worker that keeps dying soon after it starts.
+BACKOFF_FIRST = 0.5
+BACKOFF_CAP = 15.0
+STABLE_AFTER = 10.0  # a worker that lived this long restarts at once
+READY_TIMEOUT = 30.0  # a new worker must listen (and consume, if it can) by then
+MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
+
+
+class Worker:
+    """One worker process and what the supervisor knows of it."""
+
+    def __init__(self, index: int, process: asyncio.subprocess.Process, status_fd: int) -> None:
+        self.index = index
+        self.process = process
+        self.status_fd = status_fd
+        self.started = time.monotonic()
+        self.status = "starting"
+        self.draining = False
+        self.listening = asyncio.get_running_loop().create_future()
+        self.ready = asyncio.get_running_loop().create_future()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(sig)
+
+
+class Supervisor:
+    """Runs and watches ``workers`` worker processes with the given flags."""
+
+    def __init__(self, config: Config, argv: list[str], workers: int) -> None:
+        self.config = config
+        self.argv = argv
+        self.count = workers
+        self.workers: dict[int, Worker] = {}  # by index: the current generation
+        self.retired: set[Worker] = set()  # draining after a rolling restart
+        self.failures = dict.fromkeys(range(workers), 0)
+        self.stopping = False
+        self.shutdown_timeout = 15.0
+        self.exit_code = 0
+        self.directory = tempfile.mkdtemp(prefix="rango-metrics-")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+        self._rolling: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # Life cycle.
+
+    async def run(self) -> int:
+        """Start the workers and serve until stopped; return the exit status."""
+        from .metrics import Exporter, serve_http
+
+        self._loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        _enable_listener_migration()
+        exporter = Exporter(self.directory)
+        try:
+            http = await serve_http(
+                self.config.metrics_host,
+                self.config.metrics_port,
+                collect=exporter.render,
+                ready=exporter.ready,
+            )
+        except OSError as exc:
+            print(
+                f"rango: RANGO_METRICS_PORT: cannot listen on {self.config.metrics_host}:"
+                f"{self.config.metrics_port}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+        for sig, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self.reload),
+        ):
+            self._loop.add_signal_handler(sig, handler)
+        log.info(
+            "supervisor %d starting %d workers on %s:%d, metrics on %s:%d",
+            os.getpid(), self.count, self.config.ws_host, self.config.ws_port,
+            self.config.metrics_host, self.config.metrics_port,
+        )  # fmt: skip
+        for index in range(self.count):
+            await self.spawn(index)
+        await self._done.wait()
+        http.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        log.info("supervisor stopped")
+        return self.exit_code
+
+    def stop(self) -> None:
+        """SIGTERM/SIGINT: drain every worker; a second signal kills them."""
+        if self.stopping:
+            log.warning("second stop signal: killing workers")
+            for worker in self._all():
+                worker.signal(signal.SIGKILL)
+            return
+        self.stopping = True
+        log.info("stopping: draining %d workers", len(self._all()))
+        if self._rolling is not None:
+            self._rolling.cancel()
+        self._track(self._shutdown())
+
+    def reload(self) -> None:
+        """SIGHUP: replace the workers one by one without refusing a connection."""
+        if self.stopping:
+            return
+        if self._rolling is not None and not self._rolling.done():
+            log.warning("SIGHUP ignored: a rolling restart is already running")
+            return
+        self._rolling = asyncio.ensure_future(self._rolling_restart())
+
+    # Workers.
+
+    async def spawn(self, index: int) -> Worker:
+        """Start worker ``index``; it reports its state on a pipe."""
+        read_fd, write_fd = os.pipe()
+        env = {
+            **os.environ,
+            "RANGO_WORKER_INDEX": str(index),
+            "RANGO_WORKER_MANAGED": "1",
+            "RANGO_STATUS_FD": str(write_fd),
+            "PROMETHEUS_MULTIPROC_DIR": self.directory,
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "workers.worker", *self.argv,
+            env=env, pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(write_fd)
+        worker = Worker(index, process, read_fd)
+        self.workers[index] = worker
+        os.set_blocking(read_fd, False)
+        assert self._loop is not None
+        self._loop.add_reader(read_fd, self._on_status, worker)
+        self._track(self._watch(worker))
+        log.debug("worker %d started (pid %d)", index, worker.pid)
+        return worker
+
+    def _on_status(self, worker: Worker) -> None:
+        try:
+            data = os.read(worker.status_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            assert self._loop is not None
+            self._loop.remove_reader(worker.status_fd)
+            os.close(worker.status_fd)
+            return
+        for line in data.decode(errors="replace").split():
+            worker.status = line
+            if line in ("listening", "consuming") and not worker.listening.done():
+                worker.listening.set_result(None)
+            if line == "consuming" and not worker.ready.done():
+                worker.ready.set_result(None)
+
+    async def _watch(self, worker: Worker) -> None:
+        """Wait for a worker to exit; replace it unless it was asked to go."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        code = await worker.process.wait()
+        mark_process_dead(worker.pid, self.directory)
+        self.retired.discard(worker)
+        current = self.workers.get(worker.index) is worker
+        if current:
+            del self.workers[worker.index]
+        lived = time.monotonic() - worker.started
+        how = (
+            f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        )
+        if self.stopping or worker.draining:
+            log.info("worker %d (pid %d) %s", worker.index, worker.pid, how)
+            if self.stopping and not self._all():
+                assert self._done is not None
+                self._done.set()
+            return
+        if code == 2 and not worker.listening.done():
+            # Status 2 is a configuration error (e.g. the port is taken): a new
+            # worker would fail the same way, so stop rather than loop.
+            log.error("worker %d (pid %d) could not start (%s); stopping", worker.index,
+                      worker.pid, how)
+            self.exit_code = 2
+            self.stop()
+            return
+        if lived >= STABLE_AFTER:
+            self.failures[worker.index] = 0
+        delay = 0.0
+        if self.failures[worker.index]:
+            delay = min(BACKOFF_FIRST * 2 ** (self.failures[worker.index] - 1), BACKOFF_CAP)
+        self.failures[worker.index] += 1
+        log.error("worker %d (pid %d) %s after %.1f s; restarting in %.1f s",
+                  worker.index, worker.pid, how, lived, delay)
+        await asyncio.sleep(delay)
+        if not self.stopping and worker.index not in self.workers:
+            await self.spawn(worker.index)
+
+    async def _rolling_restart(self) -> None:
+        log.info("SIGHUP: rolling restart of %d workers", len(self.workers))
+        for index in range(self.count):
+            old = self.workers.get(index)
+            new = await self.spawn(index)
+            try:
+                await asyncio.wait_for(asyncio.shield(new.listening), READY_TIMEOUT)
+                # Wait for the consumer too, unless RabbitMQ is down anyway.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(new.ready), 5.0)
+            except TimeoutError:
+                log.error("rolling restart: worker %d (pid %d) not listening after %.0f s; "
+                          "keeping the old one", index, new.pid, READY_TIMEOUT)
+                new.draining = True
+                new.signal(signal.SIGKILL)
+                if old is not None:
+                    self.workers[index] = old
+                return
+            if old is not None and old.process.returncode is None:
+                old.draining = True
+                self.retired.add(old)
+                old.signal(signal.SIGTERM)
+        log.info("rolling restart done")
+
+    async def _shutdown(self) -> None:
+        workers = self._all()
+        for worker in workers:
+            worker.draining = True
+            worker.signal(signal.SIGTERM)
+        if not workers:
+            assert self._done is not None
+            self._done.set()
+            return
+        await asyncio.sleep(self.shutdown_timeout)
+        for worker in self._all():
+            log.warning("worker %d (pid %d) still running after %.0f s: killing",
+                        worker.index, worker.pid, self.shutdown_timeout)
+            worker.signal(signal.SIGKILL)
+
+    def _all(self) -> list[Worker]:
+        return [*self.workers.values(), *self.retired]
+
+    def _track(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+def _enable_listener_migration() -> None:
+    """Let a closing ``SO_REUSEPORT`` listener hand its queued connections to the others.
+
+    Without ``net.ipv4.tcp_migrate_req`` (Linux ≥ 5.14, per network namespace),
+    connections waiting in a draining worker's accept queue are reset when it
+    stops listening. Set ``RANGO_TCP_MIGRATE_REQ=0`` to leave the sysctl alone.
+    """
+    if os.environ.get("RANGO_TCP_MIGRATE_REQ", "1") == "0":
+        return
+    try:
+        with open(MIGRATE_REQ) as f:
+            if f.read().strip() == "1":
+                return
+        with open(MIGRATE_REQ, "w") as f:
+            f.write("1")
+        log.info("enabled net.ipv4.tcp_migrate_req: draining workers hand over queued "
+                 "connections")
+    except OSError as exc:
+        log.warning("cannot enable net.ipv4.tcp_migrate_req (%s): a restart may reset "
+                    "connections queued at the instant a worker stops listening", exc.strerror)
+
+
+def run(config: Config, argv: list[str], workers: int) -> int:
+    """Run a supervisor on uvloop; return the exit status."""
+    supervisor = Supervisor(config, argv, workers)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(supervisor.run())
+    return uvloop.run(supervisor.run())
