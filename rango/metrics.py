@@ -12,6 +12,7 @@ path) and copied into Prometheus once a second by :meth:`Metrics.sync`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -185,6 +186,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class _NonZeroSubscriptions:
+    """The workers' series, without topics nobody subscribes to any more.
+
+    A worker cannot delete a label from its multiprocess file, only set it to
+    0; hiding those keeps the subscriptions gauge what it means: subscribed now.
+    """
+
+    def __init__(self, collector: object) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.collector.collect():  # type: ignore[attr-defined]
+            if family.name == "rango_hub_subscriptions_count":
+                family.samples = [s for s in family.samples if s.value]
+            yield family
+
+
 class Exporter:
     """Serves the workers' metrics from a ``PROMETHEUS_MULTIPROC_DIR``.
 
@@ -194,13 +212,15 @@ class Exporter:
     Go Rango's names) and a per-worker breakdown labelled by worker index.
     """
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, name: str = "supervisor") -> None:
         from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector
         from prometheus_client.multiprocess import MultiProcessCollector
 
         self.directory = directory
+        self.name = name
         self.registry = CollectorRegistry()
-        self._workers_collector = MultiProcessCollector(self.registry, path=directory)
+        self._workers_collector = MultiProcessCollector(None, path=directory)
+        self.registry.register(_NonZeroSubscriptions(self._workers_collector))
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.registry.register(self)
@@ -221,6 +241,14 @@ class Exporter:
             if pid and _alive(pid):
                 found[match.group(1)] = pid
         return found
+
+    def wipe_dead(self) -> None:
+        """Delete every file of processes that are gone (a previous run's leftovers)."""
+        for name in os.listdir(self.directory):
+            match = _DB_FILE.search(name)
+            if match is not None and not _alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, name))
 
     def prune(self) -> None:
         """Remove the live-gauge files of processes that no longer exist."""
@@ -246,7 +274,7 @@ class Exporter:
         )
         fds = GaugeMetricFamily("rango_worker_open_fds", "Open fds per process", labels=["worker"])
         totals = [0.0, 0.0, 0.0, 0.0]
-        processes = {"supervisor": os.getpid(), **self.workers()}
+        processes = {self.name: os.getpid(), **self.workers()}
         for worker, pid in processes.items():
             stats = _proc_stats(pid)
             if stats is None:

@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rango: {exc}", file=sys.stderr)
         return 2
     worker = os.environ.get("RANGO_WORKER_INDEX", "0")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        # prometheus-client writes there from the first metric on.
+        os.makedirs(directory, exist_ok=True)
     setup_logging(config.log_level_no, config.log_format, f"worker {worker}")
     managed = os.environ.get("RANGO_WORKER_MANAGED") == "1"
     return run(config, worker=worker, serve_metrics=not managed)
