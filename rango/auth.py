@@ -68,6 +68,13 @@ class Authenticator:
                 f"JWT_ALGORITHM: {self.algorithm} cannot be verified with the "
                 f"configured public key ({type(self.key).__name__})"
             )
+        try:  # e.g. ES256 with a P-384 key: PyJWT would fail every token at runtime
+            jwt.get_algorithm_by_name(self.algorithm).prepare_key(self.key)
+        except jwt.InvalidKeyError as exc:
+            raise ConfigError(
+                f"JWT_ALGORITHM: {self.algorithm} cannot be verified with the "
+                f"configured public key ({exc})"
+            ) from None
         self.issuer = config.jwt_issuer
         self.audience = list(config.jwt_audience) if config.jwt_audience else None
         leeway = config.jwt_default_leeway

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-__all__ = ["LOG_LEVELS", "Config", "ConfigError", "load_public_key_pem", "parse_addr"]
+__all__ = [
+    "LOG_LEVELS",
+    "Config",
+    "ConfigError",
+    "amqp_url_from_env",
+    "load_public_key_pem",
+    "parse_addr",
+]
 
 LOG_LEVELS: dict[str, int] = {
     "debug": logging.DEBUG,
@@ -100,16 +107,8 @@ class Config:
             ws_host = r.str("RANGER_HOST", "0.0.0.0")
             ws_port = r.port("RANGER_PORT", 8080)
 
-        amqp_url = flags.get("amqp_addr") or None
-        if amqp_url:
-            amqp_url = _check_amqp_url(str(amqp_url), "--amqp-addr")
-        else:
-            amqp_url = "amqp://{}:{}@{}:{}/".format(
-                quote(r.str("RABBITMQ_USER", "guest"), safe=""),
-                quote(r.str("RABBITMQ_PASSWORD", "guest"), safe=""),
-                r.str("RABBITMQ_HOST", "localhost"),
-                r.port("RABBITMQ_PORT", 5672),
-            )
+        amqp_addr = flags.get("amqp_addr")
+        amqp_url = amqp_url_from_env(env, str(amqp_addr) if amqp_addr else None)
 
         algorithm = r.str("JWT_ALGORITHM", "RS256")
         if algorithm not in JWT_ALGORITHMS:
@@ -234,6 +233,28 @@ def parse_addr(value: str, name: str) -> tuple[str, int]:
     return host, number
 
 
+def amqp_url_from_env(env: Mapping[str, str] | None = None, addr: str | None = None) -> str:
+    """Return the RabbitMQ URL of the ``--amqp-addr`` flag, else of ``RABBITMQ_*``.
+
+    ``addr``, the flag's value, is checked and returned when given. Otherwise the
+    URL is built from ``RABBITMQ_USER``, ``RABBITMQ_PASSWORD``, ``RABBITMQ_HOST``
+    and ``RABBITMQ_PORT`` in ``env`` (default: ``os.environ``), which default to
+    ``amqp://guest:guest@localhost:5672/``.
+
+    Raises :class:`ConfigError` if ``addr`` is not an ``amqp://`` or ``amqps://``
+    URL or ``RABBITMQ_PORT`` is not a port number.
+    """
+    if addr:
+        return _check_amqp_url(addr, "--amqp-addr")
+    r = _Reader(os.environ if env is None else env)
+    return "amqp://{}:{}@{}:{}/".format(
+        quote(r.str("RABBITMQ_USER", "guest"), safe=""),
+        quote(r.str("RABBITMQ_PASSWORD", "guest"), safe=""),
+        r.str("RABBITMQ_HOST", "localhost"),
+        r.port("RABBITMQ_PORT", 5672),
+    )
+
+
 def _check_amqp_url(url: str, name: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
@@ -261,8 +282,11 @@ def load_public_key_pem(env: Mapping[str, str], pub_key_path: str) -> bytes:
         if raw.startswith("-----BEGIN"):
             pem = raw.encode()
         else:
+            # Line breaks are ignored (as Go Rango's decoder) and padding may be
+            # left out (as Ranger's urlsafe_decode64).
+            raw = "".join(raw.split())
             try:
-                pem = base64.b64decode(raw, validate=True)
+                pem = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
             except (binascii.Error, ValueError):
                 raise ConfigError(
                     "JWT_PUBLIC_KEY: not valid base64 (expected base64 of a PEM)"

@@ -66,12 +66,12 @@ class ClientError(ValueError):
     """A client frame Rango cannot act on; the message is sent back as ``error``."""
 
 
-def parse_request(text: str) -> Request | None:
-    """Parse one client text frame.
+def parse_request(text: str) -> Request:
+    """Parse one client text frame that is not ``ping`` and not empty.
 
-    Returns ``None`` for ``ping`` and for empty frames (the caller answers
-    ``pong`` or nothing, see :func:`is_ping`); raises :class:`ClientError` with
-    a readable reason for anything that is not a valid request.
+    The caller answers ``ping`` and ignores empty frames itself (PROTOCOL §3);
+    here they are not JSON. Raises :class:`ClientError` with a readable reason
+    for anything that is not a valid request.
     """
     try:
         msg = orjson.loads(text)
