@@ -47,9 +47,11 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "auth",
         "fragments",
+        "fragments_binary",
         "last_seen",
         "pending",
         "ping_sent",
+        "registered",
         "server",
         "subscriptions",
         "transport",
@@ -64,8 +66,13 @@ class Connection(asyncio.Protocol):
         self.subscriptions: dict[str, None] = {}
         self.pending: list[bytes] | None = None
         self.fragments: list[bytes] | None = None
+        self.fragments_binary = False  # the opcode of the first fragment was BINARY
         self.last_seen = time.monotonic()
         self.ping_sent = 0.0
+        # True once the hub knows the connection (after the 101 answer). Not the
+        # websocket state: a request cut short by EOF leaves CONNECTING for CLOSED
+        # without ever being upgraded, and must not be counted out of the hub.
+        self.registered = False
 
     # asyncio.Protocol
 
@@ -76,7 +83,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         server = self.server
         server.connections.discard(self)
-        if self.ws.state is not State.CONNECTING:
+        if self.registered:
+            self.registered = False
             server.hub.disconnect(self)
             log.debug("client gone (%s), %d subscriptions", self.auth.uid or "anonymous",
                       len(self.subscriptions))
@@ -120,6 +128,11 @@ class Connection(asyncio.Protocol):
             self.server.flush_one(self)
             self.ws.send_close(code, reason)
             self._send_protocol_data()
+            # No data frame may follow a close frame (RFC 6455 5.5.1): leave the
+            # hub now rather than when the peer answers or the socket is gone.
+            if self.registered:
+                self.registered = False
+                self.server.hub.disconnect(self)
 
     def _send_protocol_data(self) -> None:
         transport = self.transport
@@ -155,16 +168,18 @@ class Connection(asyncio.Protocol):
             return
         self._send_protocol_data()  # the 101 response goes before any frame
         streams = parse_query_streams(urlsplit(request.path).query)
+        self.registered = True
         server.hub.connect(self, streams)
 
     # Incoming frames
 
     def _frame(self, opcode: object, data: bytes, fin: bool) -> None:
         if opcode is OP_TEXT or opcode is OP_BINARY:
+            binary = opcode is OP_BINARY
             if not fin:
                 self.fragments = [data]
+                self.fragments_binary = binary
                 return
-            binary = opcode is OP_BINARY
         elif opcode is OP_CONT:
             if self.fragments is None:
                 return  # websockets already failed the connection
@@ -173,7 +188,7 @@ class Connection(asyncio.Protocol):
                 return
             data = b"".join(self.fragments)
             self.fragments = None
-            binary = False
+            binary = self.fragments_binary
         elif opcode is OP_PONG:
             return
         else:

@@ -70,7 +70,7 @@ class KeyPair:
             del payload["uid"]
         payload.update(claims)
         payload = {k: v for k, v in payload.items() if v is not None}
-        return jwt.encode(payload, self.private_pem, algorithm="RS256")
+        return jwt.encode(payload, self.private_key, algorithm="RS256")  # no PEM parse per token
 
     def bearer(self, **kwargs: Any) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token(**kwargs)}"}

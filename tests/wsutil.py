@@ -1,0 +1,165 @@
+"""Helpers shared by the end-to-end test modules (answers, markers, a raw client, metrics)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import socket
+import struct
+from typing import Any
+
+import orjson
+from conftest import recv_json
+from websockets.sync.client import ClientConnection
+
+
+def subscribed(streams: list[str]) -> dict[str, Any]:
+    return {"success": {"message": "subscribed", "streams": streams}}
+
+
+def unsubscribed(streams: list[str]) -> dict[str, Any]:
+    return {"success": {"message": "unsubscribed", "streams": streams}}
+
+
+def cannot(stream: str) -> dict[str, Any]:
+    return {"success": {"message": f"cannot subscribe to {stream}"}}
+
+
+def request(ws: ClientConnection, event: str, streams: Any) -> None:
+    ws.send(orjson.dumps({"event": event, "streams": streams}).decode())
+
+
+def subscribe(ws: ClientConnection, streams: list[str]) -> Any:
+    """Send a subscribe request and return the answer."""
+    request(ws, "subscribe", streams)
+    return recv_json(ws)
+
+
+def expect(ws: ClientConnection, frame: Any, timeout: float = 5.0) -> None:
+    """The next frame received is ``frame`` (so nothing else came before it)."""
+    assert recv_json(ws, timeout) == frame
+
+
+def expect_error(ws: ClientConnection) -> str:
+    """The next frame is ``{"error": "<readable reason>"}``; return the reason."""
+    answer = recv_json(ws)
+    assert isinstance(answer, dict) and set(answer) == {"error"}, answer
+    assert isinstance(answer["error"], str) and answer["error"].strip(), answer
+    return answer["error"]
+
+
+def assert_alive(ws: ClientConnection) -> None:
+    """The connection is open and answers requests."""
+    ws.send("ping")
+    assert ws.recv(timeout=5) == "pong"
+
+
+# A raw websocket client, for clients that must misbehave or split bytes freely.
+
+
+class RawClient:
+    """A websocket client written by hand: frames are sent exactly as given."""
+
+    def __init__(
+        self,
+        port: int,
+        path: str = "/public",
+        headers: dict[str, str] | None = None,
+        pipelined: bytes = b"",
+    ) -> None:
+        """Upgrade; ``pipelined`` bytes go in the same write, right behind the request."""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: 127.0.0.1:{port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key}",
+            "Sec-WebSocket-Version: 13",
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+        ]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + pipelined)
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self._read()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        self.status = int(head.split(b" ", 2)[1])
+
+    def _read(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise EOFError("server closed the connection")
+        self.buffer += data
+
+    def _take(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            self._read()
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+        """A masked client frame."""
+        head = bytes([(0x80 if fin else 0) | opcode])
+        n = len(payload)
+        if n < 126:
+            head += bytes([0x80 | n])
+        elif n < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        mask = os.urandom(4)
+        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_frame(self) -> tuple[bool, int, bytes]:
+        """``(fin, opcode, payload)`` of the next server frame."""
+        b0, b1 = self._take(2)
+        assert not b1 & 0x80, "server frames are never masked"
+        n = b1 & 0x7F
+        if n == 126:
+            (n,) = struct.unpack("!H", self._take(2))
+        elif n == 127:
+            (n,) = struct.unpack("!Q", self._take(8))
+        return bool(b0 & 0x80), b0 & 0x0F, self._take(n)
+
+    def recv_text(self) -> str:
+        fin, opcode, payload = self.recv_frame()
+        assert (fin, opcode) == (True, 0x1), (fin, opcode, payload)
+        return payload.decode()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# Metrics.
+
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(metrics: dict[str, float], name: str) -> list[tuple[dict[str, str], float]]:
+    """Samples of metric ``name`` as ``(labels, value)``."""
+    found = []
+    for key, value in metrics.items():
+        metric, _, labels = key.partition("{")
+        if metric == name:
+            found.append((dict(_LABEL.findall(labels)), value))
+    return found
+
+
+def sample(metrics: dict[str, float], name: str, **labels: str) -> float | None:
+    """The value of the sample of ``name`` with exactly ``labels``; None if absent."""
+    for found, value in samples(metrics, name):
+        if found == labels:
+            return value
+    return None
