@@ -21,6 +21,10 @@ from enum import Enum
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed,
+    AMQPConnectorPhaseErrorBase,
+)
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 
@@ -61,6 +65,10 @@ class Consumer:
         self.queue = queue or queue_name()
         # Named after the queue so `rabbitmqctl list_connections` shows host and pid.
         self.parameters.client_properties = {"connection_name": self.queue}
+        # Where the broker is, for the log (never the credentials).
+        host = self.parameters.host
+        host = f"[{host}]" if ":" in host else host
+        self.address = f"{host}:{self.parameters.port}"
         self.exchange = exchange
         self.on_event = on_event
         self.on_state = on_state
@@ -154,14 +162,13 @@ class Consumer:
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         self._channel = None
         conn = self._connection
-        if self.state is State.STOPPED:
-            return
+        if self.state is State.STOPPED or conn is None or not conn.is_open:
+            return  # the connection went with it: _on_closed reports that, once
         log.error("RabbitMQ channel closed: %s", reason)
-        if conn is not None and conn.is_open:
-            conn.close()  # reconnect from scratch in _on_closed
+        conn.close()  # reconnect from scratch in _on_closed
 
     def _on_open_error(self, _conn: AsyncioConnection, error: BaseException) -> None:
-        self._lost(f"cannot connect to RabbitMQ: {_describe(error)}")
+        self._lost(f"cannot connect to RabbitMQ at {self.address}: {_describe(error)}")
 
     def _on_closed(self, _conn: AsyncioConnection, reason: BaseException) -> None:
         self._connection = None
@@ -170,7 +177,7 @@ class Consumer:
             if self._stopped is not None and not self._stopped.done():
                 self._stopped.set_result(None)
             return
-        self._lost(f"RabbitMQ connection lost: {_describe(reason)}")
+        self._lost(f"RabbitMQ connection to {self.address} lost: {_describe(reason)}")
 
     def _lost(self, message: str) -> None:
         if self.state is State.STOPPED:
@@ -195,5 +202,23 @@ class Consumer:
 
 
 def _describe(error: BaseException) -> str:
+    """The cause of a pika error, e.g. ``ConnectionRefusedError: [Errno 111] ...``.
+
+    pika wraps a failed attempt as AMQPConnectionError(AMQPConnectionWorkflowFailed(
+    AMQPConnectorSocketConnectError(OSError))), whose ``str()`` is just its class name.
+    """
+    for _ in range(5):
+        if isinstance(error, AMQPConnectionWorkflowFailed) and error.exceptions:
+            error = error.exceptions[-1]
+        elif isinstance(error, AMQPConnectorPhaseErrorBase):
+            error = error.exception
+        elif (
+            type(error) is pika.exceptions.AMQPConnectionError
+            and len(error.args) == 1
+            and isinstance(error.args[0], BaseException)
+        ):
+            error = error.args[0]
+        else:
+            break
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:200]

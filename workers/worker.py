@@ -84,8 +84,11 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
     try:
         await server.start()
     except OSError as exc:
+        # Name the settings (uvloop's strerror repeats the address: use errno's text).
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise ConfigError(
-            f"cannot listen on {config.ws_host}:{config.ws_port}: {exc.strerror}"
+            f"RANGER_HOST/RANGER_PORT (or --ws-addr): cannot listen on "
+            f"{config.ws_host}:{config.ws_port}: {reason}"
         ) from None
     status("listening")
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
