@@ -306,7 +306,8 @@ def load_public_key_pem(env: Mapping[str, str], pub_key_path: str) -> bytes:
     try:
         load_pem_public_key(pem)
     except (ValueError, TypeError) as exc:
-        reason = str(exc).split("\n")[0][:120] or type(exc).__name__
+        # cryptography's messages run on with URLs and advice: keep the first sentence.
+        reason = str(exc).split("\n")[0].split(". ")[0][:120] or type(exc).__name__
         raise ConfigError(f"{name}: not a PEM public key ({reason})") from None
     return pem
 

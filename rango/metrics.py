@@ -27,6 +27,9 @@ __all__ = ["Exporter", "Metrics", "serve_http", "write_pid_file"]
 
 log = logging.getLogger("rango.metrics")
 
+# prometheus-client chose its value storage from this variable at import time.
+_MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
 CLIENTS = Gauge(
     "rango_hub_clients_count",
     "Websocket connections open now",
@@ -76,7 +79,8 @@ class Metrics(Observer):
             # Stream names come from clients: forget a topic nobody watches so
             # the label set stays bounded by what is subscribed now.
             SUBSCRIPTIONS.labels(kind, topic).set(0)
-            SUBSCRIPTIONS.remove(kind, topic)
+            if not _MULTIPROCESS:  # there the exporter hides zero series instead
+                SUBSCRIPTIONS.remove(kind, topic)
 
     def amqp_connected(self, connected: bool) -> None:
         AMQP_CONNECTED.labels(self.worker).set(1 if connected else 0)

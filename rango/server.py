@@ -94,14 +94,18 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ws = self.ws
         ws.receive_data(data)
-        self.last_seen = time.monotonic()
-        self.ping_sent = 0.0
         for event in ws.events_received():
             if isinstance(event, Request):
                 self._handshake(event)
             else:
                 self._frame(event.opcode, event.data, event.fin)
         self._send_protocol_data()
+        if ws.state is State.OPEN:
+            # Any frame proves the peer alive. Before the upgrade the clock keeps
+            # running from the connection's start: a request trickled one byte at
+            # a time still meets the handshake timeout.
+            self.last_seen = time.monotonic()
+            self.ping_sent = 0.0
 
     def eof_received(self) -> bool:
         self.ws.receive_eof()

@@ -197,11 +197,6 @@ def test_handshake_timeout_disconnects_a_silent_client(rango_factory):
         assert recv_json(ws) == subscribed([])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py: every byte received resets the handshake clock (last_seen), so a "
-    "client trickling its request keeps the connection forever (slowloris)",
-)
 def test_handshake_timeout_is_not_reset_by_a_trickling_request(rango_factory):
     rango = rango_factory(env={"RANGO_HANDSHAKE_TIMEOUT": "0.5"}, args=["--workers", "1"])
     request = f"GET /public HTTP/1.1\r\nHost: 127.0.0.1:{rango.port}\r\nX-Pad: {'a' * 200}"
