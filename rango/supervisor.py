@@ -16,8 +16,9 @@ SIGTERM, SIGINT
 SIGHUP
     Rolling restart, one worker at a time: start the new worker, wait until it
     listens and consumes, then drain the old one. Connections are never
-    refused and events never lack a consumer. Use it to roll out a new key or
-    configuration (the environment is re-read from ``RANGO_ENV_FILE`` if set).
+    refused and events never lack a consumer. Use it to roll out new code or a
+    new key file (``--pubKey``): the new workers get the same flags and
+    environment as the old ones.
 """
 
 from __future__ import annotations
@@ -105,11 +106,14 @@ class Supervisor:
                 ready=exporter.ready,
             )
         except OSError as exc:
+            # uvloop's strerror repeats the address: use errno's text.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             print(
                 f"rango: RANGO_METRICS_PORT: cannot listen on {self.config.metrics_host}:"
-                f"{self.config.metrics_port}: {exc.strerror}",
+                f"{self.config.metrics_port}: {reason}",
                 file=sys.stderr,
             )
+            shutil.rmtree(self.directory, ignore_errors=True)
             return 2
         for sig, handler in (
             (signal.SIGTERM, self.stop),
@@ -241,6 +245,9 @@ class Supervisor:
         log.info("SIGHUP: rolling restart of %d workers", len(self.workers))
         for index in range(self.count):
             old = self.workers.get(index)
+            if old is not None:
+                # Still tracked while its successor starts: a SIGTERM now must stop it too.
+                self.retired.add(old)
             new = await self.spawn(index)
             try:
                 await asyncio.wait_for(asyncio.shield(new.listening), READY_TIMEOUT)
@@ -250,14 +257,22 @@ class Supervisor:
             except TimeoutError:
                 log.error("rolling restart: worker %d (pid %d) not listening after %.0f s; "
                           "keeping the old one", index, new.pid, READY_TIMEOUT)
-                new.draining = True
-                new.signal(signal.SIGKILL)
-                if old is not None:
+                # ``new`` may have died and been replaced meanwhile: stop whichever runs.
+                for worker in (new, self.workers.get(index)):
+                    if worker is not None and worker is not old:
+                        worker.draining = True
+                        worker.signal(signal.SIGKILL)
+                if old is not None and old.process.returncode is None:
+                    self.retired.discard(old)
                     self.workers[index] = old
+                elif not self.stopping:
+                    # The old one died meanwhile (a dead entry would hang the stop):
+                    # start over, with the usual restarts if this one fails too.
+                    self.workers.pop(index, None)
+                    await self.spawn(index)
                 return
             if old is not None and old.process.returncode is None:
                 old.draining = True
-                self.retired.add(old)
                 old.signal(signal.SIGTERM)
         log.info("rolling restart done")
 

@@ -1,0 +1,393 @@
+"""``rango --workers N`` end to end: real worker processes, real signals, the real broker.
+
+The kernel spreads connections over the workers (SO_REUSEPORT); which worker
+holds a client is read from /proc (socket inodes), never assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import REPO, Rango, unique, wait_for
+from proctools import (
+    Client,
+    MetricsWatch,
+    alive,
+    async_wait_for,
+    cpu_seconds,
+    gauge_reaches,
+    open_clients,
+    queues_of,
+    scrape,
+    series,
+    socket_owners,
+    wait_counts,
+    worker_index,
+)
+from websockets.sync.client import connect as sync_connect
+
+TWO = {"RANGO_WORKERS": "2"}
+
+
+def two_workers(rango_factory: Any) -> tuple[Rango, list[int]]:
+    rango = rango_factory(env=TWO)
+    pids = wait_for(lambda: len(rango.worker_pids()) == 2 and rango.worker_pids(), 10, "2 workers")
+    return rango, pids
+
+
+def owners_of(rango: Rango, clients: list[Client], pids: list[int]) -> dict[int, list[Client]]:
+    """The clients by the worker pid that holds their server-side socket."""
+    owners = socket_owners(rango.port, pids)
+    missing = [c.port for c in clients if c.port not in owners]
+    assert not missing, f"no worker among {pids} holds the clients on ports {missing[:5]}"
+    by_pid: dict[int, list[Client]] = {pid: [] for pid in pids}
+    for client in clients:
+        by_pid[owners[client.port]].append(client)
+    return by_pid
+
+
+async def spread_clients(
+    rango: Rango, stream: str, pids: list[int], count: int
+) -> dict[int, list[Client]]:
+    """At least ``count`` clients, with some on every worker of ``pids`` (bounded)."""
+    clients = await open_clients(rango.url(query=f"stream={stream}"), count, stream)
+    for _ in range(10):
+        by_pid = owners_of(rango, clients, pids)
+        if all(by_pid.values()):
+            return by_pid
+        clients += await open_clients(rango.url(query=f"stream={stream}"), count, stream)
+    raise AssertionError(f"{len(clients)} connections never reached every worker: {by_pid}")
+
+
+async def publish_numbers(
+    publisher: Any, key: str, numbers: range, at: dict[int, Any] | None = None
+) -> None:
+    """Publish ``{"n": n}`` paced a little, running ``at[n]()`` right after ``n``."""
+    for n in numbers:
+        publisher.publish(key, {"n": n})
+        if at and n in at:
+            at[n]()
+        await asyncio.sleep(0.005)
+
+
+def test_connections_spread_over_workers_and_all_get_every_event(rango_factory, publisher_factory):
+    rango, pids = two_workers(rango_factory)
+    publisher = publisher_factory(rango.exchange)
+    market = unique()
+    stream = f"{market}.trades"
+
+    async def scenario() -> None:
+        clients = await open_clients(rango.url(query=f"stream={stream}"), 200, stream)
+        by_pid = owners_of(rango, clients, pids)
+        counts = {pid: len(group) for pid, group in by_pid.items()}
+        # 200 connections hashed over 2 listeners: far from all on one.
+        assert all(count >= 20 for count in counts.values()), counts
+        await gauge_reaches(rango.metrics_port, 200)
+
+        await publish_numbers(publisher, f"public.{stream}", range(5))
+        await wait_counts(clients, 5)
+        for client in clients:
+            assert client.numbers == [0, 1, 2, 3, 4], (client.port, client.numbers)
+            assert not client.closed.done()
+
+        await asyncio.gather(*(c.close() for c in clients))
+        await gauge_reaches(rango.metrics_port, 0)
+
+    with MetricsWatch(rango.metrics_port, 2) as watch:
+        asyncio.run(scenario())
+    watch.check()
+
+
+def test_kill_9_of_a_worker(rango_factory, publisher_factory):
+    rango, pids = two_workers(rango_factory)
+    publisher = publisher_factory(rango.exchange)
+    stream = f"{unique()}.trades"
+    key = f"public.{stream}"
+
+    async def scenario() -> None:
+        by_pid = await spread_clients(rango, stream, pids, 40)
+        victim, survivor = pids
+        victims, survivors = by_pid[victim], by_pid[survivor]
+        victim_index = worker_index(victim)
+        await gauge_reaches(rango.metrics_port, len(victims) + len(survivors))
+
+        total = 60
+        await publish_numbers(
+            publisher, key, range(total), at={20: lambda: os.kill(victim, signal.SIGKILL)}
+        )
+        # The victim's clients are cut (no close frame: 1006), the others miss nothing.
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in victims)), 10)
+        for client in victims:
+            assert client.closed.result() == 1006, client.closed.result()
+        await wait_counts(survivors, total)
+        for client in survivors:
+            assert client.numbers == list(range(total)), (client.port, client.numbers)
+            assert not client.closed.done()
+
+        # The dead worker leaves the sums by the first scrape after it is reaped.
+        await async_wait_for(lambda: victim not in rango.worker_pids(), 10, "victim reaped")
+        metrics = scrape(rango.metrics_port)
+        assert series(metrics, "rango_hub_clients_count") == [({}, len(survivors))], metrics
+
+        # A replacement appears, consumes, and serves new connections.
+        new = await async_wait_for(
+            lambda: [p for p in rango.worker_pids() if p not in pids], 15, "a new worker"
+        )
+        assert len(new) == 1 and worker_index(new[0]) == victim_index, new
+        assert sorted(rango.worker_pids()) == sorted([survivor, new[0]])
+        await async_wait_for(rango.ready, 15, "ready with the new worker")
+        on_new: list[Client] = []
+        extra: list[Client] = []
+        for _ in range(100):
+            (client,) = await open_clients(rango.url(query=f"stream={stream}"), 1, stream)
+            owner = socket_owners(rango.port, [survivor, new[0]]).get(client.port)
+            assert owner in (survivor, new[0]), owner
+            (on_new if owner == new[0] else extra).append(client)
+            if len(on_new) == 3:
+                break
+        assert len(on_new) == 3, f"no connection reached the new worker in {len(extra)} tries"
+        open_now = survivors + on_new + extra
+        await gauge_reaches(rango.metrics_port, len(open_now))
+        publisher.publish(key, {"n": total})
+        await wait_counts(on_new + extra, 1)
+        await wait_counts(survivors, 1 + total)
+        assert all(c.numbers == [total] for c in on_new + extra)
+        assert all(c.numbers == list(range(total + 1)) for c in survivors)
+
+        metrics = scrape(rango.metrics_port)
+        workers = {labels["worker"] for labels, _ in series(metrics, "rango_amqp_connected")}
+        assert workers == {"0", "1"}, metrics
+        await asyncio.gather(*(c.close() for c in open_now))
+        await gauge_reaches(rango.metrics_port, 0)
+
+    with MetricsWatch(rango.metrics_port, 2) as watch:
+        asyncio.run(scenario())
+    watch.check()
+
+
+def test_sigterm_drains_everything(rango_factory):
+    rango, pids = two_workers(rango_factory)
+    stream = f"{unique()}.trades"
+    queues = wait_for(lambda: len(queues_of(pids)) == 2 and queues_of(pids), 10, "2 queues")
+    assert len(queues) == 2, queues
+
+    async def scenario() -> None:
+        by_pid = await spread_clients(rango, stream, pids, 20)
+        clients = [c for group in by_pid.values() for c in group]
+        rango.send_signal(signal.SIGTERM)
+        codes = await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), 15)
+        assert set(codes) == {1001}, codes
+
+    with MetricsWatch(rango.metrics_port, 2) as watch:
+        asyncio.run(scenario())
+        assert rango.proc is not None
+        assert rango.proc.wait(20) == 0, rango.log()[-3000:]
+    watch.check()
+    assert not [pid for pid in pids if alive(pid)]
+    assert queues_of(pids) == []
+    assert "killing" not in rango.log()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_rolls_workers_without_refusing_or_losing(rango_factory, publisher_factory, workers):
+    rango = rango_factory(env={"RANGO_WORKERS": str(workers)})
+    pids = wait_for(lambda: len(rango.worker_pids()) == workers and rango.worker_pids(), 10, "pids")
+    publisher = publisher_factory(rango.exchange)
+    stream = f"{unique()}.trades"
+    key = f"public.{stream}"
+    by_index = {worker_index(pid): pid for pid in pids}  # index 0 is replaced first
+    connects = {"ok": 0, "failed": 0}
+    failures: list[str] = []
+    done = threading.Event()
+
+    def connect_loop() -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            try:
+                with sync_connect(rango.url(), open_timeout=2, close_timeout=2):
+                    pass
+                connects["ok"] += 1
+            except Exception as exc:
+                connects["failed"] += 1
+                failures.append(repr(exc))
+
+    def restarted() -> bool:
+        now = rango.worker_pids()
+        return len(now) == workers and not set(now) & set(pids)
+
+    async def scenario() -> None:
+        by_pid = await spread_clients(rango, stream, pids, 20)
+        old_clients = [c for group in by_pid.values() for c in group]
+        connector = threading.Thread(target=connect_loop, daemon=True)
+        connector.start()
+        await async_wait_for(lambda: connects["ok"] >= 5, 10, "connect loop running")
+
+        published = 0
+        first_gone_at: int | None = None
+        rango.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 40
+        while True:
+            publisher.publish(key, {"n": published})
+            published += 1
+            if first_gone_at is None and not alive(by_index["0"]):
+                first_gone_at = published
+            if restarted():
+                break
+            assert time.monotonic() < deadline, f"restart not done: {rango.worker_pids()}"
+            await asyncio.sleep(0.01)
+        done.set()
+        await asyncio.to_thread(connector.join, 10)
+
+        if first_gone_at is None:  # gone between the two looks
+            first_gone_at = published
+        codes = await asyncio.wait_for(asyncio.gather(*(c.closed for c in old_clients)), 15)
+        assert set(codes) == {1001}, codes
+        for client in old_clients:
+            # Every number from the first on, in order, up to its own worker's drain.
+            assert client.numbers == list(range(len(client.numbers))), client.numbers
+        if workers == 2:
+            for client in by_pid[by_index["1"]]:
+                # It kept receiving while the other worker drained and was replaced.
+                assert len(client.numbers) > first_gone_at, (first_gone_at, client.numbers[-3:])
+
+        new_pids = rango.worker_pids()
+        assert sorted(worker_index(p) for p in new_pids) == [str(i) for i in range(workers)]
+        await async_wait_for(rango.ready, 10, "ready after the restart")
+        await gauge_reaches(rango.metrics_port, 0)
+        by_pid = await spread_clients(rango, stream, new_pids, 10)
+        clients = [c for group in by_pid.values() for c in group]
+        await gauge_reaches(rango.metrics_port, len(clients))
+        publisher.publish(key, {"n": 0})
+        await wait_counts(clients, 1)
+        assert all(c.numbers == [0] for c in clients)
+        await asyncio.gather(*(c.close() for c in clients))
+
+    with MetricsWatch(rango.metrics_port, workers) as watch:
+        asyncio.run(scenario())
+    watch.check()
+    assert connects["failed"] == 0, (connects, failures[:5])
+    assert connects["ok"] >= 20, connects
+    assert queues_of(pids) == []
+    assert "rolling restart done" in rango.log()
+
+
+def test_sigterm_during_sighup_stops_old_and_new_workers(rango_factory):
+    rango, pids = two_workers(rango_factory)
+    stream = f"{unique()}.trades"
+
+    async def scenario() -> list[int]:
+        by_pid = await spread_clients(rango, stream, pids, 10)
+        clients = [c for group in by_pid.values() for c in group]
+        rango.send_signal(signal.SIGHUP)
+        # Stop while the first new worker starts: old and new are running.
+        spawned = await async_wait_for(
+            lambda: [p for p in rango.worker_pids() if p not in pids], 10, "a new worker"
+        )
+        rango.send_signal(signal.SIGTERM)
+        codes = await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), 15)
+        assert set(codes) == {1001}, codes
+        return spawned
+
+    spawned = asyncio.run(scenario())
+    assert rango.proc is not None
+    assert rango.proc.wait(20) == 0, rango.log()[-3000:]
+    left = [pid for pid in [*pids, *spawned] if alive(pid)]
+    assert not left, f"workers left running: {left}"
+    assert queues_of(pids) == []
+
+
+def test_port_taken_exits_2_without_restart_loop(rango_factory, tmp_path):
+    scratch = tmp_path / "tmp"  # the supervisor's TMPDIR: its metrics directory goes here
+    scratch.mkdir()
+    with socket.socket() as blocker:  # no SO_REUSEPORT: nobody else may bind it
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        env = {**TWO, "RANGER_PORT": str(port), "TMPDIR": str(scratch)}
+        rango = rango_factory(env=env, wait=False)
+        assert rango.proc is not None
+        assert rango.proc.wait(20) == 2
+    assert list(scratch.iterdir()) == []
+    log = rango.log()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in log, log
+    assert "restarting in" not in log, log
+    assert 1 <= log.count("cannot listen on") <= 2, log  # once per worker at most
+    assert len(re.findall(r"worker \d started", log)) <= 2, log  # never respawned
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "could not start" in errors[0], log
+
+
+def test_metrics_port_taken_exits_2_at_once(rango_factory, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        env = {**TWO, "RANGO_METRICS_PORT": str(port), "TMPDIR": str(scratch)}
+        rango = rango_factory(env=env, wait=False)
+        assert rango.proc is not None
+        assert rango.proc.wait(20) == 2
+    log = rango.log()
+    assert log.strip() == (
+        f"rango: RANGO_METRICS_PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ), log
+    assert list(scratch.iterdir()) == []
+
+
+# The restart delay: the real supervisor, with its cap lowered so the test sees it.
+CAPPED = (
+    "import sys, rango.supervisor as s; s.BACKOFF_CAP = 1.0; "
+    "from rango.cli import main; sys.exit(main())"
+)
+
+
+def test_worker_dying_at_start_is_restarted_with_capped_backoff(keys, tmp_path):
+    rango = Rango(keys, tmp_path)
+    rango._log = open(rango.log_path, "wb")  # noqa: SIM115 - closed by rango.stop()
+    rango.proc = subprocess.Popen(
+        [sys.executable, "-c", CAPPED, *rango.args],
+        cwd=REPO, env=rango.env, stdout=rango._log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        seen: list[int] = []
+        gaps = []
+        cpu_before = None
+        killed_at = 0.0
+        for _ in range(5):
+            pid = wait_for(
+                lambda: [p for p in rango.worker_pids() if p not in seen], 10, "a new worker"
+            )[0]
+            if seen:
+                gaps.append(time.monotonic() - killed_at)
+            else:
+                cpu_before = cpu_seconds(rango.pid), time.monotonic()
+            seen.append(pid)
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+        wait_for(lambda: len(re.findall("restarting in", rango.log())) == 5, 10, "5 restarts")
+        assert cpu_before is not None
+        cpu = cpu_seconds(rango.pid) - cpu_before[0]
+        wall = time.monotonic() - cpu_before[1]
+        delays = [float(d) for d in re.findall(r"restarting in ([\d.]+) s", rango.log())]
+        assert delays == [0.0, 0.5, 1.0, 1.0, 1.0], delays
+        for gap, delay in zip(gaps, delays, strict=False):
+            assert gap >= delay * 0.9, (gaps, delays)
+        assert cpu < 0.5 * wall, f"supervisor used {cpu:.2f} s CPU in {wall:.2f} s"
+        sixth = wait_for(
+            lambda: [p for p in rango.worker_pids() if p not in seen], 10, "a sixth worker"
+        )
+        assert rango.worker_pids() == sixth
+    finally:
+        code = rango.stop()
+    assert code == 0, rango.log()[-3000:]
