@@ -33,6 +33,7 @@ environment (same names and defaults as Ranger and Go Rango):
   LOG_FORMAT                      text or json (text)
 Rango's own:
   RANGO_METRICS_HOST, RANGO_METRICS_PORT  Prometheus endpoint (0.0.0.0, 4242)
+  RANGO_EXCHANGE                  exchange when --exchange is not given (peatio.events.ranger)
   RANGO_WORKERS                   worker processes (CPUs usable by the process)
   RANGO_MAX_FRAME_SIZE            largest client frame in bytes (4096)
   RANGO_MAX_PENDING_BYTES         unread bytes before a slow client is dropped (4194304)
@@ -77,7 +78,7 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--exchange", "-exchange", dest="exchange", metavar="NAME",
-        help="topic exchange of the events (default: peatio.events.ranger)",
+        help="topic exchange of the events (default: RANGO_EXCHANGE, else peatio.events.ranger)",
     )
     parser.add_argument(
         "--workers", "-workers", dest="workers", type=_workers, metavar="N",

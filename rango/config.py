@@ -127,7 +127,7 @@ class Config:
         if log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT: {log_format!r} is not one of text, json")
 
-        exchange = str(flags.get("exchange") or "peatio.events.ranger")
+        exchange = str(flags.get("exchange") or r.str("RANGO_EXCHANGE", "peatio.events.ranger"))
         if not 0 < len(exchange.encode()) <= 255:
             raise ConfigError("--exchange: the name must be 1 to 255 bytes")
 

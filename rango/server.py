@@ -174,6 +174,8 @@ class Connection(asyncio.Protocol):
         streams = parse_query_streams(urlsplit(request.path).query)
         self.registered = True
         server.hub.connect(self, streams)
+        if server.draining:
+            self.close(CloseCode.GOING_AWAY, "server shutting down")
 
     # Incoming frames
 
@@ -241,6 +243,7 @@ class Server:
         self._listener: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._auth_log = _AuthLog()
+        self.draining = False
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on the configured address with ``SO_REUSEPORT`` (or on ``sock``)."""
@@ -266,11 +269,13 @@ class Server:
     async def drain(self, timeout: float) -> None:
         """Close every connection with 1001 going away; abort those still open at ``timeout``."""
         self.stop_accepting()
+        self.draining = True
         for conn in list(self.connections):
             if conn.ws.state is State.OPEN:
                 conn.close(CloseCode.GOING_AWAY, "server shutting down")
-            elif conn.transport is not None and conn.ws.state is State.CONNECTING:
-                conn.transport.abort()
+        # Connections still in their handshake are closed with 1001 right after
+        # it (see Connection._handshake): a client accepted just before the
+        # drain sees a proper close, not a reset. The timeout below bounds them.
         deadline = time.monotonic() + timeout
         while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -96,6 +97,17 @@ class Supervisor:
 
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        reason = _port_taken(self.config.ws_host, self.config.ws_port)
+        if reason:
+            # Workers bind with SO_REUSEPORT and would silently share the port
+            # with another server; refuse here, once, before any worker starts.
+            print(
+                f"rango: RANGER_HOST/RANGER_PORT (or --ws-addr): cannot listen on "
+                f"{self.config.ws_host}:{self.config.ws_port}: {reason}",
+                file=sys.stderr,
+            )
+            shutil.rmtree(self.directory, ignore_errors=True)
+            return 2
         _enable_listener_migration()
         exporter = Exporter(self.directory)
         try:
@@ -298,6 +310,22 @@ class Supervisor:
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _port_taken(host: str, port: int) -> str:
+    """Why ``host:port`` cannot be listened on (another server holds it), or ``""``."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return exc.strerror or str(exc)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return os.strerror(exc.errno) if exc.errno else str(exc)
+    return ""
 
 
 def _enable_listener_migration() -> None:

@@ -321,10 +321,9 @@ def test_port_taken_exits_2_without_restart_loop(rango_factory, tmp_path):
     log = rango.log()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in log, log
     assert "restarting in" not in log, log
-    assert 1 <= log.count("cannot listen on") <= 2, log  # once per worker at most
-    assert len(re.findall(r"worker \d started", log)) <= 2, log  # never respawned
-    errors = [line for line in log.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and "could not start" in errors[0], log
+    # Refused once by the supervisor, before any worker starts.
+    assert log.count("cannot listen on") == 1, log
+    assert not re.findall(r"worker \d started", log), log
 
 
 def test_metrics_port_taken_exits_2_at_once(rango_factory, tmp_path):
