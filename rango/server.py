@@ -125,10 +125,16 @@ class Connection(asyncio.Protocol):
         else:
             pending.append(frame)
 
+    def send(self, frame: bytes) -> None:
+        """Queue an answer of this connection's own, after the events already routed."""
+        self.server.hub.flush()
+        self.push(frame)
+
     def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
         """Start the closing handshake after what is queued; no-op if not open."""
         if self.ws.state is State.OPEN and self.transport is not None:
             self.last_seen = time.monotonic()  # the peer gets ping_timeout to answer
+            self.server.hub.flush()
             self.server.flush_one(self)
             self.ws.send_close(code, reason)
             self._send_protocol_data()
@@ -202,7 +208,7 @@ class Connection(asyncio.Protocol):
         if self.ws.state is not State.OPEN:
             return
         if binary:
-            self.push(text_frame(error("binary frames are not supported, send text")))
+            self.send(text_frame(error("binary frames are not supported, send text")))
             return
         self._message(data)
 
@@ -211,12 +217,12 @@ class Connection(asyncio.Protocol):
         if not text:
             return
         if text == b"ping":
-            self.push(PONG)
+            self.send(PONG)
             return
         try:
             request = parse_request(text.decode())
         except ClientError as exc:
-            self.push(text_frame(error(str(exc))))
+            self.send(text_frame(error(str(exc))))
             return
         except UnicodeDecodeError:
             self.ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
@@ -243,6 +249,7 @@ class Server:
         self._listener: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._auth_log = _AuthLog()
+        hub.wake = self.schedule_flush
         self.draining = False
 
     async def start(self, sock: socket.socket | None = None) -> None:
@@ -330,12 +337,17 @@ class Server:
 
     def mark_dirty(self, conn: Connection) -> None:
         self._dirty.append(conn)
+        self.schedule_flush()
+
+    def schedule_flush(self) -> None:
+        """Write what is queued once the current loop iteration's callbacks are done."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write every connection's queued frames with one ``write()`` each."""
+        self.hub.flush()  # while still scheduled: its pushes need no new callback
         self._flush_scheduled = False
         dirty, self._dirty = self._dirty, []
         for conn in dirty:

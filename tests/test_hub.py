@@ -888,3 +888,86 @@ def test_indexes_follow_subscriptions(ops: list[tuple[str, int, list[str]]]) -> 
     assert (hub.public, hub.private, hub.prefixed, hub._counts) == ({}, {}, {}, {})
     assert hub.clients == 0
     assert all(count == 0 for count in observer.current.values())
+
+
+# Runs: consecutive events for the same subscribers are joined once per flush.
+
+
+class Waker:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+
+
+def lines(frames: list[bytes]) -> list[Any]:
+    """Frames encoded with a trailing newline, split back into JSON values."""
+    return [orjson.loads(line) for frame in frames for line in frame.splitlines()]
+
+
+@pytest.fixture
+def batching() -> tuple[Hub, Waker]:
+    waker = Waker()
+    return Hub(RBAC, encode=lambda b: b + b"\n", wake=waker), waker
+
+
+def test_run_is_pushed_once_per_flush_as_one_joined_bytes(batching):
+    hub, waker = batching
+    a, b = connect(hub, "eurusd.trades"), connect(hub, "eurusd.trades")
+    for n in range(5):
+        assert hub.route("public.eurusd.trades", b"%d" % n) == 2
+    assert a.frames == [] and b.frames == []  # nothing until the flush
+    assert waker.calls == 1  # one wake-up for the whole run
+    assert hub.frames_sent == 0
+    hub.flush()
+    assert len(a.frames) == 1 and a.frames[0] is b.frames[0]  # joined once, shared
+    assert lines(a.frames) == [{"eurusd.trades": n} for n in range(5)]
+    assert hub.frames_sent == 10
+    hub.flush()  # nothing pending: nothing pushed again
+    assert len(a.frames) == 1
+
+
+def test_interleaved_streams_keep_the_publish_order(batching):
+    hub, _ = batching
+    both = connect(hub, "eurusd.trades", "usdbtc.trades")
+    only = connect(hub, "usdbtc.trades")
+    keys = ["eurusd", "eurusd", "usdbtc", "eurusd", "usdbtc", "usdbtc"]
+    for n, market in enumerate(keys):
+        hub.route(f"public.{market}.trades", b"%d" % n)
+    hub.flush()
+    assert lines(both.frames) == [{f"{m}.trades": n} for n, m in enumerate(keys)]
+    assert lines(only.frames) == [
+        {"usdbtc.trades": n} for n, m in enumerate(keys) if m == "usdbtc"
+    ]
+
+
+def test_subscribing_during_a_run_sees_only_later_events(batching):
+    hub, _ = batching
+    old = connect(hub, "eurusd.ob-inc")
+    hub.route("public.eurusd.ob-snap", SNAP)  # first snapshot: to the waiting subscriber
+    hub.route("public.eurusd.ob-inc", INC1)
+    late = Client()
+    hub.connect(late, ["eurusd.ob-inc"])  # the pending run is pushed first
+    hub.route("public.eurusd.ob-inc", INC2)
+    hub.flush()
+    snap, inc1, inc2 = orjson.loads(SNAP), orjson.loads(INC1), orjson.loads(INC2)
+    assert lines(old.frames) == [
+        {"eurusd.ob-snap": snap}, {"eurusd.ob-inc": inc1}, {"eurusd.ob-inc": inc2},
+    ]
+    # Snapshot and stored increment once each, the answer, then the live increment.
+    assert lines(late.frames) == [
+        {"eurusd.ob-snap": snap}, {"eurusd.ob-inc": inc1}, subscribed("eurusd.ob-inc"),
+        {"eurusd.ob-inc": inc2},
+    ]
+
+
+def test_disconnect_during_a_run_delivers_it_first(batching):
+    hub, _ = batching
+    gone, stays = connect(hub, "eurusd.trades"), connect(hub, "eurusd.trades")
+    hub.route("public.eurusd.trades", b"1")
+    hub.disconnect(gone)
+    hub.route("public.eurusd.trades", b"2")
+    hub.flush()
+    assert lines(gone.frames) == [{"eurusd.trades": 1}]
+    assert lines(stays.frames) == [{"eurusd.trades": 1}, {"eurusd.trades": 2}]
