@@ -41,6 +41,11 @@ Rango's own:
   RANGO_PING_INTERVAL             seconds of silence before a ping (54)
   RANGO_PING_TIMEOUT              seconds to answer a ping (6)
   RANGO_HANDSHAKE_TIMEOUT         seconds to finish the upgrade request (10)
+  RANGO_MAX_CONNECTIONS           connections per worker before HTTP 503 (50000)
+  RANGO_MAX_SUBSCRIPTIONS         streams per connection (1024)
+  RANGO_RATE_LIMIT, RANGO_RATE_BURST  client frames per second and burst (20, 100)
+  RANGO_MAX_EVENT_SIZE            largest event body in bytes (8388608)
+  RANGO_TLS_CERTFILE, RANGO_TLS_KEYFILE  serve wss:// (or --certfile, --keyfile)
 """
 
 
@@ -81,6 +86,14 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
         help="topic exchange of the events (default: RANGO_EXCHANGE, else peatio.events.ranger)",
     )
     parser.add_argument(
+        "--certfile", dest="certfile", metavar="FILE",
+        help="serve wss:// with this PEM certificate chain (RANGO_TLS_CERTFILE)",
+    )
+    parser.add_argument(
+        "--keyfile", dest="keyfile", metavar="FILE",
+        help="private key of --certfile, if not in it (RANGO_TLS_KEYFILE)",
+    )
+    parser.add_argument(
         "--workers", "-workers", dest="workers", type=_workers, metavar="N",
         help="worker processes (default: RANGO_WORKERS, else the CPUs usable)",
     )
@@ -107,6 +120,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         pub_key=args.pub_key,
         exchange=args.exchange,
         workers=args.workers,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
     )
 
 

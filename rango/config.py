@@ -82,6 +82,18 @@ class Config:
     ping_interval: float = 54.0
     ping_timeout: float = 6.0
     handshake_timeout: float = 10.0
+    # Upgraded connections per worker; more are refused with HTTP 503.
+    max_connections: int = 50_000
+    # Streams one connection may be subscribed to at once.
+    max_subscriptions: int = 1024
+    # Client frames per second per connection (token bucket) and the burst allowed.
+    rate_limit: float = 20.0
+    rate_burst: int = 100
+    # Event bodies above this many bytes are dropped (a deep order-book snapshot
+    # is a few hundred KB; a runaway publisher must not fill every client).
+    max_event_size: int = 8 * 1024 * 1024
+    tls_certfile: str | None = None
+    tls_keyfile: str | None = None
     workers: int = 0
 
     @property
@@ -137,6 +149,10 @@ class Config:
         elif not isinstance(workers, int) or not 0 <= workers <= 256:
             raise ConfigError("--workers: must be a whole number from 1 to 256")
 
+        tls = _tls_files(
+            str(flags.get("certfile") or r.str("RANGO_TLS_CERTFILE", "")) or None,
+            str(flags.get("keyfile") or r.str("RANGO_TLS_KEYFILE", "")) or None,
+        )
         ping_interval = r.float("RANGO_PING_INTERVAL", 54.0, minimum=0.05)
         ping_timeout = r.float("RANGO_PING_TIMEOUT", 6.0, minimum=0.05)
 
@@ -167,6 +183,13 @@ class Config:
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
             handshake_timeout=r.float("RANGO_HANDSHAKE_TIMEOUT", 10.0, minimum=0.05),
+            max_connections=r.int("RANGO_MAX_CONNECTIONS", 50_000, minimum=1),
+            max_subscriptions=r.int("RANGO_MAX_SUBSCRIPTIONS", 1024, minimum=1),
+            rate_limit=r.float("RANGO_RATE_LIMIT", 20.0, minimum=0.1),
+            rate_burst=r.int("RANGO_RATE_BURST", 100, minimum=1),
+            max_event_size=r.int("RANGO_MAX_EVENT_SIZE", 8 * 1024 * 1024, minimum=64),
+            tls_certfile=tls[0],
+            tls_keyfile=tls[1],
             workers=workers,
         )
 
@@ -310,6 +333,27 @@ def load_public_key_pem(env: Mapping[str, str], pub_key_path: str) -> bytes:
         reason = str(exc).split("\n")[0].split(". ")[0][:120] or type(exc).__name__
         raise ConfigError(f"{name}: not a PEM public key ({reason})") from None
     return pem
+
+
+def _tls_files(certfile: str | None, keyfile: str | None) -> tuple[str | None, str | None]:
+    """Check that the certificate and key load together (both or neither given)."""
+    if certfile is None and keyfile is None:
+        return None, None
+    if certfile is None:
+        raise ConfigError("--certfile/RANGO_TLS_CERTFILE: required with --keyfile")
+    import ssl
+
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"--certfile/--keyfile: no such file {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"--certfile/--keyfile: cannot load {certfile}"
+            + (f" with {keyfile}" if keyfile else "")
+            + f": {getattr(exc, 'reason', None) or exc.strerror or exc}"
+        ) from None
+    return certfile, keyfile
 
 
 def _cors_origins(items: tuple[str, ...] | None) -> tuple[str, ...] | None:

@@ -81,6 +81,7 @@ class Hub:
         *,
         max_increments: int = 10_000,
         max_subscriptions: int = 1024,
+        max_event_size: int = 8 * 1024 * 1024,
         encode: Callable[[bytes], bytes] = text_frame,
         observer: Observer | None = None,
         wake: Callable[[], None] | None = None,
@@ -88,6 +89,7 @@ class Hub:
         self.rbac = dict(rbac or {})
         self.max_increments = max_increments
         self.max_subscriptions = max_subscriptions
+        self.max_event_size = max_event_size
         self.encode = encode
         self.observer = observer or Observer()
         # Called when a run of frames starts; the caller then calls flush() soon.
@@ -214,6 +216,8 @@ class Hub:
             scope, middle, event = parts[0], "", parts[1]
         else:
             raise Drop("bad_routing_key", routing_key)
+        if len(body) > self.max_event_size:
+            raise Drop("too_large", routing_key)
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -52,6 +52,11 @@ SLOW_CLIENTS = Counter(
 CONNECTIONS_REJECTED = Counter(
     "rango_connections_rejected", "Upgrade requests refused, by HTTP status", ["status"]
 )
+CLIENTS_CLOSED = Counter(
+    "rango_clients_closed",
+    "Clients closed by the server, by reason (rate_limit, keepalive_timeout)",
+    ["reason"],
+)
 AMQP_CONNECTED = Gauge(
     "rango_amqp_connected",
     "1 while the worker consumes from RabbitMQ, else 0",
@@ -90,6 +95,9 @@ class Metrics(Observer):
 
     def slow_client(self) -> None:
         SLOW_CLIENTS.inc()
+
+    def closed(self, reason: str) -> None:
+        CLIENTS_CLOSED.labels(reason).inc()
 
     def rejected(self, status: int) -> None:
         CONNECTIONS_REJECTED.labels(str(status)).inc()

@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from urllib.parse import urlsplit
 
+from websockets import http11
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
@@ -27,18 +29,26 @@ from websockets.server import ServerProtocol
 from .auth import ANONYMOUS, Auth, Authenticator, AuthError
 from .config import Config
 from .hub import Hub
+from .logs import RateLimited
 from .metrics import Metrics
 from .protocol import PING, PONG, ClientError, error, parse_query_streams, parse_request, text_frame
 
 __all__ = ["Connection", "Server"]
 
-OP_TEXT, OP_BINARY, OP_CONT, OP_PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.PONG
+OP_TEXT, OP_BINARY, OP_CONT = Opcode.TEXT, Opcode.BINARY, Opcode.CONT
+OP_PING, OP_PONG = Opcode.PING, Opcode.PONG
 
 log = logging.getLogger("rango.server")
 # websockets logs each connection at info; keep it out of Rango's info level.
 _ws_logger = logging.getLogger("websockets.server")
 
 _SEND_EOF = b""
+
+# Largest upgrade request accepted (request line and headers). Browsers send 1-4 KB
+# with cookies; a session JWT is under 2 KB. websockets' own per-line limit is
+# raised to match so that Rango answers first (401 on /private, else 431).
+MAX_REQUEST_SIZE = 16384
+http11.MAX_LINE_LENGTH = max(http11.MAX_LINE_LENGTH, MAX_REQUEST_SIZE)
 
 
 class Connection(asyncio.Protocol):
@@ -48,12 +58,14 @@ class Connection(asyncio.Protocol):
         "auth",
         "fragments",
         "fragments_binary",
+        "head",
         "last_seen",
         "pending",
         "ping_sent",
         "registered",
         "server",
         "subscriptions",
+        "tokens",
         "transport",
         "ws",
     )
@@ -73,6 +85,10 @@ class Connection(asyncio.Protocol):
         # websocket state: a request cut short by EOF leaves CONNECTING for CLOSED
         # without ever being upgraded, and must not be counted out of the hub.
         self.registered = False
+        # Before the upgrade: the request's first bytes and its size so far.
+        # After: the rate limiter's tokens (see _allowed).
+        self.head = b""
+        self.tokens = 0.0
 
     # asyncio.Protocol
 
@@ -93,6 +109,13 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
+        if ws.state is State.CONNECTING:
+            if not self.head:
+                self.head = data[:16]
+            self.tokens += len(data)
+            if self.tokens > MAX_REQUEST_SIZE:
+                self._refuse_large_request()
+                return
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
@@ -162,6 +185,21 @@ class Connection(asyncio.Protocol):
 
     # Handshake
 
+    def _refuse_large_request(self) -> None:
+        """Answer a request over MAX_REQUEST_SIZE without parsing the rest of it."""
+        private = self.head.startswith(b"GET /private")
+        status = 401 if private else 431
+        if private:
+            self.server.refused(f"request headers larger than {MAX_REQUEST_SIZE} bytes")
+        self.server.metrics.rejected(status)
+        phrase = "Unauthorized" if private else "Request Header Fields Too Large"
+        assert self.transport is not None
+        self.transport.write(
+            f"HTTP/1.1 {status} {phrase}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            .encode()
+        )
+        self.transport.close()
+
     def _handshake(self, request: Request) -> None:
         server = self.server
         status, reason = server.check_request(self, request)
@@ -177,6 +215,8 @@ class Connection(asyncio.Protocol):
             log.debug("upgrade refused: %d %s", response.status_code, reason)
             return
         self._send_protocol_data()  # the 101 response goes before any frame
+        self.head = b""
+        self.tokens = float(server.config.rate_burst)
         streams = parse_query_streams(urlsplit(request.path).query)
         self.registered = True
         server.hub.connect(self, streams)
@@ -203,14 +243,38 @@ class Connection(asyncio.Protocol):
             binary = self.fragments_binary
         elif opcode is OP_PONG:
             return
+        elif opcode is OP_PING:
+            self._allowed()  # websockets answered it; a flood still counts
+            return
         else:
-            return  # ping is answered and close handled by websockets
-        if self.ws.state is not State.OPEN:
+            return  # close is handled by websockets
+        if self.ws.state is not State.OPEN or not self._allowed():
             return
         if binary:
             self.send(text_frame(error("binary frames are not supported, send text")))
             return
         self._message(data)
+
+    def _allowed(self) -> bool:
+        """Spend a token for one client frame; close with 1008 when none is left.
+
+        A token bucket: RANGO_RATE_LIMIT tokens a second, at most RANGO_RATE_BURST.
+        """
+        if self.ws.state is not State.OPEN:
+            return False
+        config = self.server.config
+        now = time.monotonic()
+        tokens = min(
+            float(config.rate_burst), self.tokens + (now - self.last_seen) * config.rate_limit
+        )
+        self.last_seen = now
+        if tokens >= 1.0:
+            self.tokens = tokens - 1.0
+            return True
+        self.tokens = tokens
+        self.server.closing("rate_limit", self)
+        self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        return False
 
     def _message(self, data: bytes) -> None:
         text = data.strip()
@@ -248,16 +312,20 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._listener: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
-        self._auth_log = _AuthLog()
+        self._limited = RateLimited(log, interval=1.0)
         hub.wake = self.schedule_flush
         self.draining = False
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Listen on the configured address with ``SO_REUSEPORT`` (or on ``sock``)."""
         config = self.config
+        ssl_context = None
+        if config.tls_certfile:
+            ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_context.load_cert_chain(config.tls_certfile, config.tls_keyfile)
         if sock is not None:
             self._listener = await self._loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=4096
+                lambda: Connection(self), sock=sock, backlog=4096, ssl=ssl_context
             )
         else:
             self._listener = await self._loop.create_server(
@@ -266,6 +334,8 @@ class Server:
                 config.ws_port,
                 reuse_port=True,
                 backlog=4096,
+                ssl=ssl_context,
+                ssl_handshake_timeout=config.handshake_timeout if ssl_context else None,
             )
         self._schedule_sweep()
 
@@ -294,10 +364,28 @@ class Server:
 
     # Handshake policy (PROTOCOL §2)
 
+    def refused(self, reason: str) -> None:
+        """Warn that /private was refused, at most once a second per reason (never the token)."""
+        self._limited.log(logging.WARNING, reason, "refused /private: %s", reason)
+
+    def closing(self, reason: str, conn: Connection) -> None:
+        """Count and log a connection the server closes for ``reason``."""
+        self.metrics.closed(reason)
+        self._limited.log(
+            logging.INFO, reason, "closing client (%s): %s", conn.auth.uid or "anonymous",
+            reason.replace("_", " "),
+        )
+
     def check_request(self, conn: Connection, request: Request) -> tuple[int, str]:
         """Authenticate and check the origin; return ``(status, reason)`` or ``(0, "")``."""
         headers: Headers = request.headers
         path = urlsplit(request.path).path
+        if self.hub.clients >= self.config.max_connections:
+            self._limited.log(
+                logging.WARNING, "503", "refusing connections: %d open, RANGO_MAX_CONNECTIONS=%d",
+                self.hub.clients, self.config.max_connections,
+            )
+            return 503, "Too many connections"
         try:
             header = headers.get("Authorization")
         except Exception:  # several Authorization headers
@@ -310,7 +398,7 @@ class Server:
             except AuthError as exc:
                 conn.auth = ANONYMOUS
                 if path == "/private":
-                    self._auth_log.refused(str(exc))
+                    self.refused(str(exc))
                     return 401, "Unauthorized"
                 log.debug("anonymous fallback: %s", exc)
         if not self._origin_allowed(headers):
@@ -389,7 +477,7 @@ class Server:
             if state is State.OPEN:
                 if conn.ping_sent:
                     if now - conn.ping_sent > config.ping_timeout:
-                        log.debug("keepalive timeout (%s)", conn.auth.uid or "anonymous")
+                        self.closing("keepalive_timeout", conn)
                         conn.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 elif now - conn.last_seen >= config.ping_interval:
                     conn.ping_sent = now
@@ -402,13 +490,3 @@ class Server:
         self._schedule_sweep()
 
 
-class _AuthLog:
-    """Warn about refused tokens, at most once a second per reason."""
-
-    def __init__(self) -> None:
-        from .logs import RateLimited
-
-        self._limited = RateLimited(log, interval=1.0)
-
-    def refused(self, reason: str) -> None:
-        self._limited.log(logging.WARNING, reason, "refused /private: %s", reason)

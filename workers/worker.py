@@ -39,6 +39,7 @@ DRAIN_TIMEOUT = 5.0
 _DROP_REASONS = {
     "bad_routing_key": "routing key is not scope.id.event, public.event or global.event",
     "bad_body": "body is not JSON",
+    "too_large": "body larger than RANGO_MAX_EVENT_SIZE",
     "no_snapshot": "order-book increment before any snapshot",
     "increments_full": "stored increments reached RANGO_MAX_INCREMENTS; book discarded "
     "until the next snapshot",
@@ -55,7 +56,13 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
 
     loop = asyncio.get_running_loop()
     metrics = Metrics(worker)
-    hub = Hub(config.rbac, max_increments=config.max_increments, observer=metrics)
+    hub = Hub(
+        config.rbac,
+        max_increments=config.max_increments,
+        max_subscriptions=config.max_subscriptions,
+        max_event_size=config.max_event_size,
+        observer=metrics,
+    )
     server = Server(config, hub, metrics)
     drops = RateLimited(log, interval=10.0)
     route = hub.route
