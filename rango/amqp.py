@@ -34,6 +34,9 @@ log = logging.getLogger("rango.amqp")
 
 BACKOFF_FIRST = 0.25
 BACKOFF_CAP = 2.0  # the broker's return is noticed within 2 s
+# While consuming, the exchange is re-declared and the queue re-bound this often:
+# an exchange deleted (and re-created by a publisher) is bound again within it.
+REBIND_INTERVAL = 2.0
 
 
 class State(Enum):
@@ -78,6 +81,7 @@ class Consumer:
         self._channel: Channel | None = None
         self._backoff = BACKOFF_FIRST
         self._retry: asyncio.TimerHandle | None = None
+        self._rebind: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._reported = False
 
@@ -155,6 +159,25 @@ class Consumer:
             log.warning("RabbitMQ is back")
         self._reported = False
         self._set_state(State.CONSUMING)
+        self._schedule_rebind()
+
+    def _schedule_rebind(self) -> None:
+        self._rebind = self._loop.call_later(REBIND_INTERVAL, self._rebind_now)
+
+    def _rebind_now(self) -> None:
+        """Declare and bind again: both are no-ops unless the exchange went away."""
+        channel = self._channel
+        if self.state is not State.CONSUMING or channel is None or not channel.is_open:
+            return
+        channel.exchange_declare(
+            self.exchange,
+            exchange_type=ExchangeType.topic,
+            durable=False,
+            callback=lambda _frame: channel.queue_bind(
+                self.queue, self.exchange, routing_key="#",
+                callback=lambda _frame: self._schedule_rebind(),
+            ),
+        )
 
     def _on_message(self, _channel: Channel, method: object, _props: object, body: bytes) -> None:
         self.on_event(method.routing_key, body)  # type: ignore[attr-defined]
@@ -194,6 +217,9 @@ class Consumer:
         if state is self.state:
             return
         previous, self.state = self.state, state
+        if previous is State.CONSUMING and self._rebind is not None:
+            self._rebind.cancel()
+            self._rebind = None
         if state is State.CONSUMING:
             log.info("consuming %s from exchange %s", self.queue, self.exchange)
         elif state is State.CONNECTING and previous is State.DISCONNECTED:
