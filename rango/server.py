@@ -23,7 +23,7 @@ from websockets import http11
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
-from websockets.protocol import State
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
 from .auth import ANONYMOUS, Auth, Authenticator, AuthError
@@ -215,6 +215,12 @@ class Connection(asyncio.Protocol):
             log.debug("upgrade refused: %d %s", response.status_code, reason)
             return
         self._send_protocol_data()  # the 101 response goes before any frame
+        if not self.ws.reader.buffer:
+            # websockets' handshake parser stays suspended for the connection's
+            # life and keeps the request (~1.7 KB) alive; a fresh frame parser
+            # is equivalent when no frame byte has arrived yet.
+            self.ws.parser = Protocol.parse(self.ws)
+            next(self.ws.parser)
         self.head = b""
         self.tokens = float(server.config.rate_burst)
         streams = parse_query_streams(urlsplit(request.path).query)
