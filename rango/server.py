@@ -76,7 +76,9 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.auth: Auth = ANONYMOUS
         self.subscriptions: dict[str, None] = {}
-        self.pending: list[bytes] | None = None
+        # Frames queued this iteration: one bytes (the common case, no list to
+        # allocate), a list of them, or None.
+        self.pending: bytes | list[bytes] | None = None
         self.fragments: list[bytes] | None = None
         self.fragments_binary = False  # the opcode of the first fragment was BINARY
         self.last_seen = time.monotonic()
@@ -143,10 +145,15 @@ class Connection(asyncio.Protocol):
         if pending is None:
             if self.transport is None:
                 return
-            self.pending = [frame]
-            self.server.mark_dirty(self)
+            self.pending = frame
+            server = self.server
+            server.dirty.append(self)
+            if not server.flush_scheduled:
+                server.schedule_flush()
+        elif pending.__class__ is list:
+            pending.append(frame)  # type: ignore[union-attr]
         else:
-            pending.append(frame)
+            self.pending = [pending, frame]  # type: ignore[list-item]
 
     def send(self, frame: bytes) -> None:
         """Queue an answer of this connection's own, after the events already routed."""
@@ -313,8 +320,9 @@ class Server:
         self.metrics = metrics
         self.authenticator = Authenticator(config)
         self.connections: set[Connection] = set()
-        self._dirty: list[Connection] = []
-        self._flush_scheduled = False
+        # Connections with frames queued, written by flush() at the iteration's end.
+        self.dirty: list[Connection] = []
+        self.flush_scheduled = False
         self._loop = asyncio.get_running_loop()
         self._listener: asyncio.AbstractServer | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -429,23 +437,33 @@ class Server:
 
     # Writing
 
-    def mark_dirty(self, conn: Connection) -> None:
-        self._dirty.append(conn)
-        self.schedule_flush()
-
     def schedule_flush(self) -> None:
         """Write what is queued once the current loop iteration's callbacks are done."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
             self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write every connection's queued frames with one ``write()`` each."""
+        """Write every connection's queued frames with one ``write()`` each.
+
+        This is the hot path's last step (one call per client per iteration), so
+        :meth:`flush_one` is inlined here.
+        """
         self.hub.flush()  # while still scheduled: its pushes need no new callback
-        self._flush_scheduled = False
-        dirty, self._dirty = self._dirty, []
+        self.flush_scheduled = False
+        dirty, self.dirty = self.dirty, []
+        limit = self.config.max_pending_bytes
         for conn in dirty:
-            self.flush_one(conn)
+            pending = conn.pending
+            if pending is None:
+                continue
+            conn.pending = None
+            transport = conn.transport
+            if transport is None or transport.is_closing():
+                continue
+            transport.write(pending if pending.__class__ is bytes else b"".join(pending))
+            if transport.get_write_buffer_size() > limit:
+                self._drop_slow(conn, transport)
 
     def flush_one(self, conn: Connection) -> None:
         pending = conn.pending
@@ -455,7 +473,7 @@ class Server:
         transport = conn.transport
         if transport is None or transport.is_closing():
             return
-        transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        transport.write(pending if pending.__class__ is bytes else b"".join(pending))
         if transport.get_write_buffer_size() > self.config.max_pending_bytes:
             self._drop_slow(conn, transport)
 
