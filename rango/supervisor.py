@@ -101,13 +101,10 @@ class Supervisor:
         if reason:
             # Workers bind with SO_REUSEPORT and would silently share the port
             # with another server; refuse here, once, before any worker starts.
-            print(
-                f"rango: RANGER_HOST/RANGER_PORT (or --ws-addr): cannot listen on "
-                f"{self.config.ws_host}:{self.config.ws_port}: {reason}",
-                file=sys.stderr,
+            return self._refuse(
+                "RANGER_HOST/RANGER_PORT (or --ws-addr)", self.config.ws_host,
+                self.config.ws_port, reason,
             )
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return 2
         _enable_listener_migration()
         exporter = Exporter(self.directory)
         try:
@@ -120,13 +117,9 @@ class Supervisor:
         except OSError as exc:
             # uvloop's strerror repeats the address: use errno's text.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            print(
-                f"rango: RANGO_METRICS_PORT: cannot listen on {self.config.metrics_host}:"
-                f"{self.config.metrics_port}: {reason}",
-                file=sys.stderr,
+            return self._refuse(
+                "RANGO_METRICS_PORT", self.config.metrics_host, self.config.metrics_port, reason
             )
-            shutil.rmtree(self.directory, ignore_errors=True)
-            return 2
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -145,6 +138,12 @@ class Supervisor:
         shutil.rmtree(self.directory, ignore_errors=True)
         log.info("supervisor stopped")
         return self.exit_code
+
+    def _refuse(self, setting: str, host: str, port: int, reason: str) -> int:
+        """Print why ``setting`` cannot be used, clean up, and return exit status 2."""
+        print(f"rango: {setting}: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        return 2
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: drain every worker; a second signal kills them."""
