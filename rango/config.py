@@ -341,6 +341,9 @@ def _tls_files(certfile: str | None, keyfile: str | None) -> tuple[str | None, s
         return None, None
     if certfile is None:
         raise ConfigError("--certfile/RANGO_TLS_CERTFILE: required with --keyfile")
+    for path in (certfile, keyfile):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--certfile/--keyfile: no such file {path}")
     import ssl
 
     try:

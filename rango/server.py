@@ -427,10 +427,14 @@ class Server:
             return False
         if origin is None:
             return True
+        allowed = self.config.cors_origins
+        if origin == "null":
+            # Pages opened from disk (file://) and sandboxed frames: only when
+            # API_CORS_ORIGINS lists "null" explicitly (a development opt-in).
+            return allowed is not None and "null" in allowed
         netloc = urlsplit(origin).netloc.lower()
         if not netloc:
             return False
-        allowed = self.config.cors_origins
         if allowed is None:
             return host is not None and netloc == host.lower()
         return netloc in allowed

@@ -236,6 +236,13 @@ def test_origin_not_listed_is_403(cors_rango, origin):
     assert refused(cors_rango, "/public", origin=origin) == 403
 
 
+def test_origin_null_is_allowed_only_when_listed(rango_factory):
+    dev = rango_factory(env={"API_CORS_ORIGINS": "null,https://app.example.com"})
+    with dev.connect("/public", "stream=x.trades", origin="null") as ws:
+        expect(ws, subscribed(["x.trades"]))
+    assert refused(dev, "/public", origin="https://other.example") == 403
+
+
 def test_origin_same_host_not_listed_is_403(cors_rango):
     assert refused(cors_rango, "/public", origin=f"http://127.0.0.1:{cors_rango.port}") == 403
 
