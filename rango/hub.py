@@ -192,6 +192,10 @@ class Hub:
             _discard(self.prefixed, stream, client)
         self._count(kind, stream, -1)  # type: ignore[arg-type]
 
+    def subscription_counts(self) -> dict[tuple[str, str], int]:
+        """Subscriptions now by ``(type, topic)``; topics with none are absent."""
+        return dict(self._counts)
+
     def _count(self, kind: Kind, stream: str, delta: int) -> None:
         key = (kind.value, stream)
         count = self._counts.get(key, 0) + delta

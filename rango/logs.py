@@ -62,7 +62,7 @@ class RateLimited:
         self._last: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
 
-    def log(self, level: int, key: str, msg: str, *args: object) -> None:
+    def log(self, level: int, key: str, msg: str, *args: object, exc_info: bool = False) -> None:
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last < self.interval:
@@ -74,4 +74,4 @@ class RateLimited:
         suppressed = self._suppressed.pop(key, 0)
         if suppressed:
             msg += f" (and {suppressed} more in the last {self.interval:g}s)"
-        self.logger.log(level, msg, *args)
+        self.logger.log(level, msg, *args, exc_info=exc_info)

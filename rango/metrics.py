@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 
@@ -72,20 +73,24 @@ class Metrics(Observer):
         self.worker = worker
         self._events = 0
         self._frames = 0
+        self._subscriptions_changed = False
         AMQP_CONNECTED.labels(worker).set(0)
 
     def clients(self, count: int) -> None:
         CLIENTS.set(count)
 
     def subscriptions(self, kind: str, topic: str, count: int) -> None:
-        if count:
+        if _MULTIPROCESS:
+            # prometheus-client's multiprocess files never forget a label set,
+            # and stream names come from clients: sync() writes the current
+            # counts to a file of this worker's instead, once a second.
+            self._subscriptions_changed = True
+        elif count:
             SUBSCRIPTIONS.labels(kind, topic).set(count)
         else:
-            # Stream names come from clients: forget a topic nobody watches so
-            # the label set stays bounded by what is subscribed now.
-            SUBSCRIPTIONS.labels(kind, topic).set(0)
-            if not _MULTIPROCESS:  # there the exporter hides zero series instead
-                SUBSCRIPTIONS.remove(kind, topic)
+            # Forget a topic nobody watches: the label set stays bounded by
+            # what is subscribed now.
+            SUBSCRIPTIONS.remove(kind, topic)
 
     def amqp_connected(self, connected: bool) -> None:
         AMQP_CONNECTED.labels(self.worker).set(1 if connected else 0)
@@ -111,6 +116,9 @@ class Metrics(Observer):
         if frames != self._frames:
             FRAMES_SENT.inc(frames - self._frames)
             self._frames = frames
+        if self._subscriptions_changed:
+            self._subscriptions_changed = False
+            _write_subscriptions(hub.subscription_counts())
 
 
 async def serve_http(
@@ -198,21 +206,46 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class _NonZeroSubscriptions:
-    """The workers' series, without topics nobody subscribes to any more.
+_SUBSCRIPTIONS_FILE = re.compile(r"^subscriptions_(\d+)\.json$")
 
-    A worker cannot delete a label from its multiprocess file, only set it to
-    0; hiding those keeps the subscriptions gauge what it means: subscribed now.
-    """
 
-    def __init__(self, collector: object) -> None:
-        self.collector = collector
+def _write_subscriptions(counts: dict[tuple[str, str], int]) -> None:
+    """Replace this worker's ``subscriptions_<pid>.json`` in the multiprocess directory."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    path = os.path.join(directory, f"subscriptions_{os.getpid()}.json")
+    data = orjson.dumps([[kind, topic, count] for (kind, topic), count in counts.items()])
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+class _Subscriptions:
+    """``rango_hub_subscriptions_count``: the sum of the live workers' current counts."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.collector.collect():  # type: ignore[attr-defined]
-            if family.name == "rango_hub_subscriptions_count":
-                family.samples = [s for s in family.samples if s.value]
-            yield family
+        from prometheus_client.core import GaugeMetricFamily
+
+        totals: dict[tuple[str, str], int] = {}
+        for name in os.listdir(self.directory):
+            match = _SUBSCRIPTIONS_FILE.match(name)
+            if match is None or not _alive(int(match.group(1))):
+                continue
+            try:
+                with open(os.path.join(self.directory, name), "rb") as f:
+                    rows = orjson.loads(f.read())
+            except (OSError, orjson.JSONDecodeError):
+                continue  # replaced while reading: the next scrape has it
+            for kind, topic, count in rows:
+                totals[(kind, topic)] = totals.get((kind, topic), 0) + count
+        family = GaugeMetricFamily(
+            "rango_hub_subscriptions_count", SUBSCRIPTIONS._documentation, labels=["type", "topic"]
+        )
+        for (kind, topic), count in totals.items():
+            family.add_metric([kind, topic], count)
+        yield family
 
 
 class Exporter:
@@ -232,7 +265,8 @@ class Exporter:
         self.name = name
         self.registry = CollectorRegistry()
         self._workers_collector = MultiProcessCollector(None, path=directory)
-        self.registry.register(_NonZeroSubscriptions(self._workers_collector))
+        self.registry.register(self._workers_collector)
+        self.registry.register(_Subscriptions(directory))
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
         self.registry.register(self)
@@ -267,11 +301,16 @@ class Exporter:
         from prometheus_client.multiprocess import mark_process_dead
 
         for name in os.listdir(self.directory):
-            match = _DB_FILE.search(name)
-            if match is None or not name.startswith("gauge_live"):
+            match = _DB_FILE.search(name) or _SUBSCRIPTIONS_FILE.match(name)
+            if match is None or not name.startswith(("gauge_live", "subscriptions_")):
                 continue
             pid = int(match.group(1))
-            if not _alive(pid):
+            if _alive(pid):
+                continue
+            if name.startswith("subscriptions_"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, name))
+            else:
                 mark_process_dead(pid, self.directory)
 
     def collect(self) -> Iterator[Metric]:

@@ -112,8 +112,8 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         ws = self.ws
         if ws.state is State.CONNECTING:
-            if not self.head:
-                self.head = data[:16]
+            if len(self.head) < 16:  # the request line may come in tiny segments
+                self.head += data[: 16 - len(self.head)]
             self.tokens += len(data)
             if self.tokens > MAX_REQUEST_SIZE:
                 self._refuse_large_request()
@@ -160,13 +160,20 @@ class Connection(asyncio.Protocol):
         self.server.hub.flush()
         self.push(frame)
 
-    def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "") -> None:
-        """Start the closing handshake after what is queued; no-op if not open."""
+    def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "", fail: bool = False) -> None:
+        """Start the closing handshake after what is queued; no-op if not open.
+
+        With ``fail``, the connection is failed instead (RFC 6455 7.1.7): the close
+        frame is sent, the rest of the input is discarded and TCP closes at once.
+        """
         if self.ws.state is State.OPEN and self.transport is not None:
             self.last_seen = time.monotonic()  # the peer gets ping_timeout to answer
             self.server.hub.flush()
             self.server.flush_one(self)
-            self.ws.send_close(code, reason)
+            if fail:
+                self.ws.fail(code, reason)
+            else:
+                self.ws.send_close(code, reason)
             self._send_protocol_data()
             # No data frame may follow a close frame (RFC 6455 5.5.1): leave the
             # hub now rather than when the peer answers or the socket is gone.
@@ -286,7 +293,7 @@ class Connection(asyncio.Protocol):
             return True
         self.tokens = tokens
         self.server.closing("rate_limit", self)
-        self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        self.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded", fail=True)
         return False
 
     def _message(self, data: bytes) -> None:

@@ -52,6 +52,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid`` (``VmRSS`` of /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"pid {pid} has no VmRSS")
+
+
 def socket_owners(server_port: int, pids: Iterable[int]) -> dict[int, int]:
     """Client port -> pid of the process that holds the server side of that connection.
 

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import re
 import socket
 import struct
+import threading
+import time
 from typing import Any
 
 import orjson
-from conftest import recv_json
+from conftest import recv_json, wait_for
 from websockets.sync.client import ClientConnection
 
 
@@ -142,6 +145,47 @@ class RawClient:
         self.close()
 
 
+def upgrade_status(
+    port: int, path: str = "/public", headers: dict[str, str] | None = None, first: int = 0
+) -> int:
+    """Send an upgrade request of any size; return the status of the answer (0: none).
+
+    The request is written from a thread: the server may answer and close before it
+    has read all of it. With ``first``, the first ``first`` bytes go in a TCP segment
+    of their own.
+    """
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    data = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def write() -> None:
+            with contextlib.suppress(OSError):  # refused before the end: expected
+                if first:
+                    sock.sendall(data[:first])
+                    time.sleep(0.1)  # the server reads the first segment alone
+                sock.sendall(data[first:])
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n" not in answer and (chunk := sock.recv(4096)):
+                answer += chunk
+        writer.join(10)
+    status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.1 ") else b"0"
+    return int(status)
+
+
 # Metrics.
 
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
@@ -163,3 +207,18 @@ def sample(metrics: dict[str, float], name: str, **labels: str) -> float | None:
         if found == labels:
             return value
     return None
+
+
+def counter(rango: Any, name: str, **labels: str) -> float:
+    """A counter (or gauge) of ``rango``'s endpoint; an absent series reads 0."""
+    return sample(rango.metrics(), name, **labels) or 0.0
+
+
+def wait_counter(rango: Any, name: str, value: float, **labels: str) -> float:
+    """Until the counter reaches ``value`` (workers' counters arrive asynchronously)."""
+    wait_for(
+        lambda: counter(rango, name, **labels) >= value,
+        10,
+        f"{name}{labels} >= {value} (now {counter(rango, name, **labels)})",
+    )
+    return counter(rango, name, **labels)

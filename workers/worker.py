@@ -67,15 +67,24 @@ async def serve(config: Config, *, worker: str = "0", serve_metrics: bool = True
     drops = RateLimited(log, interval=10.0)
     route = hub.route
 
-    def on_event(routing_key: str, body: bytes) -> None:
+    def on_event(routing_key: str | bytes, body: bytes) -> None:
         try:
-            route(routing_key, body)
+            if routing_key.__class__ is not str:
+                # pika hands over a routing key that is not UTF-8 as bytes.
+                raise Drop("bad_routing_key", repr(routing_key))
+            route(routing_key, body)  # type: ignore[arg-type]
         except Drop as drop:
             metrics.dropped(drop.reason)
             drops.log(
                 logging.WARNING, drop.reason, "dropped event %.120r: %s",
                 drop.detail, _DROP_REASONS.get(drop.reason, drop.reason),
             )
+        except Exception:
+            # A bug must cost one event, never the AMQP connection (pika would
+            # close it, losing events in flight and every stored book).
+            metrics.dropped("internal_error")
+            drops.log(logging.ERROR, "internal_error", "failed to route event %.120r",
+                      routing_key, exc_info=True)
 
     status = _status_reporter()
 
