@@ -16,13 +16,10 @@ from contextlib import ExitStack
 
 import pytest
 from conftest import unique
-from faults import ready_status, worker_pids
+from faults import worker_pids
 from proctools import cpu_seconds
-from test_broker_faults import RESUME, first_marker_after
-from test_failures_broker import amqp_problems, check_recovered, open_book, wait_logged
-from wsutil import assert_alive
-
-OUTAGE = 30.0
+from test_broker_faults import RESUME, first_marker_after, sit_out_outage
+from test_failures_broker import amqp_problems, check_recovered, open_book
 
 pytestmark = [
     pytest.mark.slow,
@@ -47,14 +44,7 @@ def test_rabbitmq_stopped_for_30_seconds_and_started_again(rango_factory, publis
         cpu = cpu_seconds(worker)
         rabbitmqctl("stop_app")
         try:
-            wait_logged(rango, lambda: ready_status(rango) == 503, 10, "/ready answering 503")
-            back_at = time.monotonic() + OUTAGE
-            while (left := back_at - time.monotonic()) > 0:
-                assert_alive(trades)
-                assert_alive(book)
-                assert ready_status(rango) == 503
-                assert worker_pids(rango.pid) == [worker], rango.log()
-                time.sleep(min(1.0, left))  # the outage itself: nothing to wait for
+            sit_out_outage(rango, worker, [trades, book])
         finally:
             rabbitmqctl("start_app")
             rabbitmqctl("await_startup")
