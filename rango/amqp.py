@@ -135,6 +135,7 @@ class Consumer:
     def _on_channel(self, channel: Channel) -> None:
         self._channel = channel
         channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_cancel_callback(self._on_cancelled)
         # As the publishers declare it: a non-durable topic exchange.
         channel.exchange_declare(
             self.exchange,
@@ -181,6 +182,14 @@ class Consumer:
 
     def _on_message(self, _channel: Channel, method: object, _props: object, body: bytes) -> None:
         self.on_event(method.routing_key, body)  # type: ignore[attr-defined]
+
+    def _on_cancelled(self, _frame: object) -> None:
+        """The broker cancelled the consumer (its queue was deleted): start over now."""
+        conn = self._connection
+        if self.state is State.STOPPED or conn is None or not conn.is_open:
+            return
+        log.error("RabbitMQ cancelled the consumer of %s (queue deleted?)", self.queue)
+        conn.close()  # reconnect from scratch in _on_closed
 
     def _on_channel_closed(self, _channel: Channel, reason: Exception) -> None:
         self._channel = None
