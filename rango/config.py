@@ -22,6 +22,7 @@ __all__ = [
     "LOG_LEVELS",
     "Config",
     "ConfigError",
+    "EnvReader",
     "amqp_url_from_env",
     "load_public_key_pem",
     "parse_addr",
@@ -110,7 +111,7 @@ class Config:
         ``ws_addr``, ``amqp_addr``, ``pub_key``, ``exchange``, ``workers``.
         """
         env = os.environ if env is None else env
-        r = _Reader(env)
+        r = EnvReader(env)
 
         ws_addr = flags.get("ws_addr")
         if ws_addr:
@@ -194,7 +195,7 @@ class Config:
         )
 
 
-class _Reader:
+class EnvReader:
     """Typed access to environment variables; errors name the variable."""
 
     def __init__(self, env: Mapping[str, str]) -> None:
@@ -269,7 +270,7 @@ def amqp_url_from_env(env: Mapping[str, str] | None = None, addr: str | None = N
     """
     if addr:
         return _check_amqp_url(addr, "--amqp-addr")
-    r = _Reader(os.environ if env is None else env)
+    r = EnvReader(os.environ if env is None else env)
     return "amqp://{}:{}@{}:{}/".format(
         quote(r.str("RABBITMQ_USER", "guest"), safe=""),
         quote(r.str("RABBITMQ_PASSWORD", "guest"), safe=""),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import time
 from urllib.parse import urlsplit
@@ -337,27 +336,22 @@ class Server:
         hub.wake = self.schedule_flush
         self.draining = False
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Listen on the configured address with ``SO_REUSEPORT`` (or on ``sock``)."""
+    async def start(self) -> None:
+        """Listen on the configured address with ``SO_REUSEPORT``."""
         config = self.config
         ssl_context = None
         if config.tls_certfile:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(config.tls_certfile, config.tls_keyfile)
-        if sock is not None:
-            self._listener = await self._loop.create_server(
-                lambda: Connection(self), sock=sock, backlog=4096, ssl=ssl_context
-            )
-        else:
-            self._listener = await self._loop.create_server(
-                lambda: Connection(self),
-                config.ws_host,
-                config.ws_port,
-                reuse_port=True,
-                backlog=4096,
-                ssl=ssl_context,
-                ssl_handshake_timeout=config.handshake_timeout if ssl_context else None,
-            )
+        self._listener = await self._loop.create_server(
+            lambda: Connection(self),
+            config.ws_host,
+            config.ws_port,
+            reuse_port=True,
+            backlog=4096,
+            ssl=ssl_context,
+            ssl_handshake_timeout=config.handshake_timeout if ssl_context else None,
+        )
         self._schedule_sweep()
 
     def stop_accepting(self) -> None:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from rango.config import LOG_LEVELS, ConfigError, _Reader
+from rango.config import LOG_LEVELS, ConfigError, EnvReader
 
 
 async def serve(host: str, port: int, directory: str) -> None:
@@ -34,7 +34,7 @@ async def serve(host: str, port: int, directory: str) -> None:
 def main() -> int:
     from rango.logs import setup_logging
 
-    reader = _Reader(os.environ)
+    reader = EnvReader(os.environ)
     try:
         host = reader.str("RANGO_METRICS_HOST", "0.0.0.0")
         port = reader.port("RANGO_METRICS_PORT", 4242)
