@@ -113,10 +113,9 @@ class Hub:
 
         Always pushes the ``subscribed`` answer, even for no streams (PROTOCOL §2).
         """
-        self.flush()
         self.clients += 1
         self.observer.clients(self.clients)
-        self.subscribe(client, streams)
+        self.subscribe(client, streams)  # flushes the current run first
 
     def disconnect(self, client: Subscriber) -> None:
         """Forget a connection and all its subscriptions."""
