@@ -74,10 +74,14 @@ class Metrics(Observer):
         self._events = 0
         self._frames = 0
         self._subscriptions_changed = False
+        self._clients = 0
+        self._clients_written = -1
         AMQP_CONNECTED.labels(worker).set(0)
 
     def clients(self, count: int) -> None:
-        CLIENTS.set(count)
+        # Written by sync(): a multiprocess gauge write takes a lock and an
+        # mmap write, a measurable share of a connection's cost at high rates.
+        self._clients = count
 
     def subscriptions(self, kind: str, topic: str, count: int) -> None:
         if _MULTIPROCESS:
@@ -108,7 +112,10 @@ class Metrics(Observer):
         CONNECTIONS_REJECTED.labels(str(status)).inc()
 
     def sync(self, hub: Hub) -> None:
-        """Copy the hub's hot-path counters into Prometheus."""
+        """Copy the hub's hot-path counters and gauges into Prometheus (about once a second)."""
+        if self._clients != self._clients_written:
+            CLIENTS.set(self._clients)
+            self._clients_written = self._clients
         events, frames = hub.events_received, hub.frames_sent
         if events != self._events:
             EVENTS_RECEIVED.inc(events - self._events)

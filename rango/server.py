@@ -1,10 +1,15 @@
 """The websocket edge: a lean ``asyncio.Protocol`` per connection.
 
-Each connection hosts websockets' sans-I/O :class:`~websockets.server.ServerProtocol`,
-which validates the handshake and parses client frames, close, ping and pong.
-Outgoing event frames bypass it: the hub hands every subscriber the same
-pre-encoded frame, the connection queues a reference, and the server writes each
-connection's queue with one ``write()`` per event-loop iteration.
+The opening handshake takes :mod:`rango.handshake`'s fast path when the request
+has the usual shape, and websockets' sans-I/O
+:class:`~websockets.server.ServerProtocol` otherwise. After the upgrade a
+``ServerProtocol`` parses client frames, close, ping and pong; it is created on
+the client's first frame (or when the server closes), so a connection that only
+listens never holds one. Outgoing event frames bypass it: the hub hands every
+subscriber the same pre-encoded frame, the connection queues a reference, and
+the server writes each connection's queue with one ``write()`` per event-loop
+iteration. The ``101`` answer is queued the same way, so it leaves in one
+``write()`` with the ``subscribed`` answer that follows it.
 
 No task, queue or timer exists per connection: keepalive, handshake timeouts and
 flushing are done by the :class:`Server` for all connections at once.
@@ -13,6 +18,7 @@ flushing are done by the :class:`Server` for all connections at once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -22,9 +28,10 @@ from websockets import http11
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
-from websockets.protocol import Protocol, State
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from . import handshake
 from .auth import ANONYMOUS, Auth, Authenticator, AuthError
 from .config import Config
 from .hub import Hub
@@ -42,12 +49,49 @@ log = logging.getLogger("rango.server")
 _ws_logger = logging.getLogger("websockets.server")
 
 _SEND_EOF = b""
+_CONNECTING, _OPEN = State.CONNECTING, State.OPEN
 
 # Largest upgrade request accepted (request line and headers). Browsers send 1-4 KB
 # with cookies; a session JWT is under 2 KB. websockets' own per-line limit is
 # raised to match so that Rango answers first (401 on /private, else 431).
 MAX_REQUEST_SIZE = 16384
 http11.MAX_LINE_LENGTH = max(http11.MAX_LINE_LENGTH, MAX_REQUEST_SIZE)
+
+
+def _unmask(frame: bytes, n: int) -> bytes:
+    """The payload of a masked frame with a 6-byte header and ``n`` < 126 bytes."""
+    if not n:
+        return b""
+    mask = int.from_bytes((frame[2:6] * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(frame[6:], "big") ^ mask).to_bytes(n, "big")
+
+
+# An Origin or Host header given more than once (never allowed).
+MULTIPLE = "\x00multiple"
+
+
+def _single_values(headers: Headers) -> tuple[str | None, str | None, str | None]:
+    """``Authorization``, ``Origin`` and ``Host`` of a request that websockets parsed.
+
+    Several ``Authorization`` headers become a value no token check accepts.
+    """
+    values: list[str | None] = []
+    for name, several in (("Authorization", "multiple headers"), ("Origin", MULTIPLE),
+                          ("Host", MULTIPLE)):
+        found = headers.get_all(name)
+        values.append(found[0] if len(found) == 1 else several if found else None)
+    return values[0], values[1], values[2]
+
+
+@functools.lru_cache(maxsize=256)
+def _query_streams(query: str) -> tuple[str, ...]:
+    return tuple(parse_query_streams(query))
+
+
+def target_streams(target: str) -> tuple[str, ...]:
+    """The streams a request target's query string names (cached: clients share URLs)."""
+    query = urlsplit(target).query
+    return _query_streams(query) if query else ()
 
 
 class Connection(asyncio.Protocol):
@@ -60,6 +104,7 @@ class Connection(asyncio.Protocol):
         "head",
         "last_seen",
         "pending",
+        "phase",
         "ping_sent",
         "registered",
         "server",
@@ -71,7 +116,11 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.ws = ServerProtocol(max_size=server.config.max_frame_size, logger=_ws_logger)
+        # websockets' protocol, when the connection needs one (see _protocol).
+        self.ws: ServerProtocol | None = None
+        # The state while there is no websockets protocol: CONNECTING, OPEN
+        # once the 101 answer is queued, CLOSING once a close frame came.
+        self.phase = _CONNECTING
         self.transport: asyncio.Transport | None = None
         self.auth: Auth = ANONYMOUS
         self.subscriptions: dict[str, None] = {}
@@ -86,10 +135,31 @@ class Connection(asyncio.Protocol):
         # websocket state: a request cut short by EOF leaves CONNECTING for CLOSED
         # without ever being upgraded, and must not be counted out of the hub.
         self.registered = False
-        # Before the upgrade: the request's first bytes and its size so far.
-        # After: the rate limiter's tokens (see _allowed).
+        # Before the upgrade: the request's bytes so far. After: the rate
+        # limiter's tokens (see _allowed).
         self.head = b""
         self.tokens = 0.0
+
+    @property
+    def state(self) -> State:
+        """The websocket state: websockets' when there is a protocol, else :attr:`phase`."""
+        ws = self.ws
+        return self.phase if ws is None else ws.state
+
+    def _protocol(self) -> ServerProtocol:
+        """websockets' protocol for this connection, created on first use.
+
+        After a fast-path upgrade it starts OPEN with a fresh frame parser: the
+        same state websockets reaches after accepting the request itself.
+        """
+        ws = self.ws
+        if ws is None:
+            ws = self.ws = ServerProtocol(
+                state=self.phase,
+                max_size=self.server.config.max_frame_size,
+                logger=_ws_logger,
+            )
+        return ws
 
     # asyncio.Protocol
 
@@ -110,13 +180,22 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         ws = self.ws
-        if ws.state is State.CONNECTING:
-            if len(self.head) < 16:  # the request line may come in tiny segments
-                self.head += data[: 16 - len(self.head)]
-            self.tokens += len(data)
-            if self.tokens > MAX_REQUEST_SIZE:
+        if ws is None:
+            if self.phase is _CONNECTING:
+                self._request_data(data)
+                return
+            if self.phase is _OPEN and self._control_frame(data):
+                return
+        elif ws.state is _CONNECTING:
+            # websockets parses an unusual request; the size bound still holds.
+            self.head += data
+            if len(self.head) > MAX_REQUEST_SIZE:
                 self._refuse_large_request()
                 return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
+        ws = self._protocol()
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
@@ -124,17 +203,63 @@ class Connection(asyncio.Protocol):
             else:
                 self._frame(event.opcode, event.data, event.fin)
         self._send_protocol_data()
-        if ws.state is State.OPEN:
+        if ws.state is _OPEN:
             # Any frame proves the peer alive. Before the upgrade the clock keeps
             # running from the connection's start: a request trickled one byte at
             # a time still meets the handshake timeout.
             self.last_seen = time.monotonic()
             self.ping_sent = 0.0
 
+    def _control_frame(self, data: bytes) -> bool:
+        """Answer one whole masked pong, ping or close frame without websockets' protocol.
+
+        Keepalive pongs and a close with 1000 or 1001 are nearly all that a
+        client which only listens ever sends, so such a client never needs a
+        protocol object. Anything else (data frames, fragments, several frames
+        at once, other close codes, protocol errors) returns False: websockets
+        parses it, exactly as before.
+        """
+        n = len(data) - 6  # 2-byte header and 4-byte mask, payload < 126 bytes
+        if n < 0 or n > 125 or data[1] != 0x80 | n:
+            return False
+        opcode = data[0]  # FIN set, no RSV bits
+        if opcode == 0x88:
+            if n == 2:
+                code = (data[2] ^ data[6]) << 8 | (data[3] ^ data[7])
+                if code != 1000 and code != 1001:
+                    return False
+            elif n:
+                return False
+            self._closed_by_client(_unmask(data, n))
+            return True
+        if opcode == 0x8A:
+            pass
+        elif opcode == 0x89:
+            if not self._allowed():
+                return True  # failed with 1008
+            self.push(b"\x8a" + bytes((n,)) + _unmask(data, n))
+        else:
+            return False
+        self.last_seen = time.monotonic()
+        self.ping_sent = 0.0
+        return True
+
+    def _closed_by_client(self, payload: bytes) -> None:
+        """Echo a client's close frame and close TCP, as websockets does (RFC 6455 5.5.1)."""
+        self.phase = State.CLOSING
+        transport = self.transport
+        assert transport is not None
+        self.server.flush_one(self)
+        transport.write(b"\x88" + bytes((len(payload),)) + payload)
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.close()
+
     def eof_received(self) -> bool:
-        self.ws.receive_eof()
-        self._send_protocol_data()
-        return False
+        if self.ws is not None or self.phase is _OPEN:
+            self._protocol().receive_eof()
+            self._send_protocol_data()
+        return False  # before the upgrade: an incomplete request, just close
 
     # Outgoing
 
@@ -165,14 +290,15 @@ class Connection(asyncio.Protocol):
         With ``fail``, the connection is failed instead (RFC 6455 7.1.7): the close
         frame is sent, the rest of the input is discarded and TCP closes at once.
         """
-        if self.ws.state is State.OPEN and self.transport is not None:
+        if self.state is _OPEN and self.transport is not None:
             self.last_seen = time.monotonic()  # the peer gets ping_timeout to answer
             self.server.hub.flush()
             self.server.flush_one(self)
+            ws = self._protocol()
             if fail:
-                self.ws.fail(code, reason)
+                ws.fail(code, reason)
             else:
-                self.ws.send_close(code, reason)
+                ws.send_close(code, reason)
             self._send_protocol_data()
             # No data frame may follow a close frame (RFC 6455 5.5.1): leave the
             # hub now rather than when the peer answers or the socket is gone.
@@ -182,7 +308,7 @@ class Connection(asyncio.Protocol):
 
     def _send_protocol_data(self) -> None:
         transport = self.transport
-        if transport is None:
+        if transport is None or self.ws is None:
             return
         for data in self.ws.data_to_send():
             if data is _SEND_EOF or not data:
@@ -213,32 +339,78 @@ class Connection(asyncio.Protocol):
         )
         self.transport.close()
 
-    def _handshake(self, request: Request) -> None:
-        server = self.server
-        status, reason = server.check_request(self, request)
-        if status:
-            server.metrics.rejected(status)
-            response = self.ws.reject(status, reason + "\n")
+    def _request_data(self, data: bytes) -> None:
+        """Collect the upgrade request until its blank line, then answer it."""
+        head = self.head
+        start = max(0, len(head) - 3)
+        head = head + data if head else data
+        end = head.find(b"\r\n\r\n", start)
+        if end < 0 or end > MAX_REQUEST_SIZE:
+            self.head = head
+            if len(head) > MAX_REQUEST_SIZE:
+                self._refuse_large_request()
+            return
+        rest = head[end + 4 :]
+        upgrade = handshake.parse(head[:end])
+        if upgrade is None:
+            # Not the usual shape: websockets parses it, and answers it if it
+            # is not a valid upgrade. It gets the request alone, so that after
+            # a 101 its parser stops exactly at the first frame byte.
+            self.head = head
+            self._receive(head[: end + 4])
         else:
-            response = self.ws.accept(request)
-            if response.status_code != 101:
-                server.metrics.rejected(response.status_code)
-        self.ws.send_response(response)
+            self.head = b""
+            status, reason = self.server.check_request(
+                self, upgrade.target, upgrade.authorization, upgrade.origin, upgrade.host
+            )
+            if status:
+                self._reject(status, reason)
+                return
+            self.phase = _OPEN
+            # Queued, not written: it leaves with the subscribed answer.
+            self.push(handshake.accept(upgrade))
+            self._open(upgrade.target)
+        if rest and self.state is _OPEN:
+            self.data_received(rest)  # frames the client sent without waiting
+
+    def _handshake(self, request: Request) -> None:
+        """Answer a request that websockets parsed (see _request_data)."""
+        server = self.server
+        authorization, origin, host = _single_values(request.headers)
+        status, reason = server.check_request(self, request.path, authorization, origin, host)
+        if status:
+            self._reject(status, reason)
+            return
+        ws = self._protocol()
+        response = ws.accept(request)
+        ws.send_response(response)
         if response.status_code != 101:
-            log.debug("upgrade refused: %d %s", response.status_code, reason)
+            server.metrics.rejected(response.status_code)
+            log.debug("upgrade refused: %d %s", response.status_code, response.reason_phrase)
             return
         self._send_protocol_data()  # the 101 response goes before any frame
-        if not self.ws.reader.buffer:
-            # websockets' handshake parser stays suspended for the connection's
-            # life and keeps the request (~1.7 KB) alive; a fresh frame parser
-            # is equivalent when no frame byte has arrived yet.
-            self.ws.parser = Protocol.parse(self.ws)
-            next(self.ws.parser)
+        # The protocol saw the request alone and keeps it (~1.7 KB) in its
+        # suspended parser: a fresh one, created on the first frame, is the
+        # same protocol without it.
+        self.ws = None
+        self.phase = _OPEN
+        self._open(request.path)
+
+    def _reject(self, status: int, reason: str) -> None:
+        """Answer the upgrade request with an HTTP error and close."""
+        self.server.metrics.rejected(status)
+        log.debug("upgrade refused: %d %s", status, reason)
+        ws = self._protocol()
+        ws.send_response(ws.reject(status, reason + "\n"))
+        self._send_protocol_data()
+
+    def _open(self, target: str) -> None:
+        """Register the upgraded connection; its query-string streams are subscribed."""
+        server = self.server
         self.head = b""
         self.tokens = float(server.config.rate_burst)
-        streams = parse_query_streams(urlsplit(request.path).query)
         self.registered = True
-        server.hub.connect(self, streams)
+        server.hub.connect(self, target_streams(target))
         if server.draining:
             self.close(CloseCode.GOING_AWAY, "server shutting down")
 
@@ -267,7 +439,7 @@ class Connection(asyncio.Protocol):
             return
         else:
             return  # close is handled by websockets
-        if self.ws.state is not State.OPEN or not self._allowed():
+        if self.state is not _OPEN or not self._allowed():
             return
         if binary:
             self.send(text_frame(error("binary frames are not supported, send text")))
@@ -279,7 +451,7 @@ class Connection(asyncio.Protocol):
 
         A token bucket: RANGO_RATE_LIMIT tokens a second, at most RANGO_RATE_BURST.
         """
-        if self.ws.state is not State.OPEN:
+        if self.state is not _OPEN:
             return False
         config = self.server.config
         now = time.monotonic()
@@ -308,7 +480,7 @@ class Connection(asyncio.Protocol):
             self.send(text_frame(error(str(exc))))
             return
         except UnicodeDecodeError:
-            self.ws.fail(CloseCode.INVALID_DATA, "invalid UTF-8")
+            self._protocol().fail(CloseCode.INVALID_DATA, "invalid UTF-8")
             return
         hub = self.server.hub
         if request.event == "subscribe":
@@ -363,7 +535,7 @@ class Server:
         self.stop_accepting()
         self.draining = True
         for conn in list(self.connections):
-            if conn.ws.state is State.OPEN:
+            if conn.state is _OPEN:
                 conn.close(CloseCode.GOING_AWAY, "server shutting down")
         # Connections still in their handshake are closed with 1001 right after
         # it (see Connection._handshake): a client accepted just before the
@@ -391,40 +563,42 @@ class Server:
             reason.replace("_", " "),
         )
 
-    def check_request(self, conn: Connection, request: Request) -> tuple[int, str]:
-        """Authenticate and check the origin; return ``(status, reason)`` or ``(0, "")``."""
-        headers: Headers = request.headers
-        path = urlsplit(request.path).path
+    def check_request(
+        self,
+        conn: Connection,
+        target: str,
+        authorization: str | None,
+        origin: str | None,
+        host: str | None,
+    ) -> tuple[int, str]:
+        """Authenticate and check the origin; return ``(status, reason)`` or ``(0, "")``.
+
+        ``origin`` or ``host`` is :data:`MULTIPLE` when the request had several.
+        """
+        path = urlsplit(target).path
         if self.hub.clients >= self.config.max_connections:
             self._limited.log(
                 logging.WARNING, "503", "refusing connections: %d open, RANGO_MAX_CONNECTIONS=%d",
                 self.hub.clients, self.config.max_connections,
             )
             return 503, "Too many connections"
-        try:
-            header = headers.get("Authorization")
-        except Exception:  # several Authorization headers
-            header = "multiple headers"
-        if header is None and path != "/private":
+        if authorization is None and path != "/private":
             conn.auth = ANONYMOUS
         else:
             try:
-                conn.auth = self.authenticator.authenticate(header)
+                conn.auth = self.authenticator.authenticate(authorization)
             except AuthError as exc:
                 conn.auth = ANONYMOUS
                 if path == "/private":
                     self.refused(str(exc))
                     return 401, "Unauthorized"
                 log.debug("anonymous fallback: %s", exc)
-        if not self._origin_allowed(headers):
+        if not self._origin_allowed(origin, host):
             return 403, "Forbidden origin"
         return 0, ""
 
-    def _origin_allowed(self, headers: Headers) -> bool:
-        try:
-            origin = headers.get("Origin")
-            host = headers.get("Host")
-        except Exception:
+    def _origin_allowed(self, origin: str | None, host: str | None) -> bool:
+        if origin is MULTIPLE or host is MULTIPLE:
             return False
         if origin is None:
             return True
@@ -502,8 +676,8 @@ class Server:
         config = self.config
         now = time.monotonic()
         for conn in list(self.connections):
-            state = conn.ws.state
-            if state is State.OPEN:
+            state = conn.state
+            if state is _OPEN:
                 if conn.ping_sent:
                     if now - conn.ping_sent > config.ping_timeout:
                         self.closing("keepalive_timeout", conn)
@@ -511,7 +685,7 @@ class Server:
                 elif now - conn.last_seen >= config.ping_interval:
                     conn.ping_sent = now
                     conn.push(PING)
-            elif state is State.CONNECTING:
+            elif state is _CONNECTING:
                 if now - conn.last_seen > config.handshake_timeout and conn.transport:
                     conn.transport.abort()
             elif conn.transport is not None and now - conn.last_seen > config.ping_timeout:

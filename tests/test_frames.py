@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -419,3 +420,70 @@ def test_no_data_frame_after_the_servers_close_frame(rango_factory, publisher_fa
             while True:
                 after.append(raw.recv_frame())
         assert after == []
+
+
+# Control frames a listening client sends (answered without websockets' protocol
+# object when alone in a segment), and their odd variants (answered by websockets).
+
+
+def frames_until_eof(raw: RawClient) -> list[tuple[bool, int, bytes]]:
+    frames = []
+    while True:
+        try:
+            frames.append(raw.recv_frame())
+        except EOFError:
+            return frames
+
+
+@pytest.mark.parametrize(
+    "payload", [b"\x03\xe8", b"\x03\xe9", b""], ids=["1000", "1001", "empty"]
+)
+def test_client_close_is_echoed_then_tcp_closed(rango, publisher, payload):
+    m = unique()
+    with RawClient(rango.port, f"/public?stream={m}.trades") as raw:
+        assert orjson.loads(raw.recv_text()) == subscribed([f"{m}.trades"])
+        raw.send(RawClient.frame(OP_CLOSE, payload))
+        publisher.publish(f"public.{m}.trades", {"n": 1})  # nothing may follow the close
+        assert frames_until_eof(raw) == [(True, OP_CLOSE, payload)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "answer"),
+    [
+        (b"\x03\xe8bye", b"\x03\xe8bye"),  # with a reason: echoed as is
+        (b"\x0b\xb8", b"\x0b\xb8"),  # 3000, an application code
+        (b"\x03\xed", b"\x03\xea"),  # 1005 must never be sent: 1002 protocol error
+        (b"\x03", b"\x03\xea"),  # one byte: 1002
+        (b"\x03\xe8\xff", b"\x03\xef"),  # reason not UTF-8: 1007
+    ],
+    ids=["reason", "3000", "1005", "short", "bad-utf8"],
+)
+def test_other_close_frames_get_websockets_answer(rango, payload, answer):
+    with RawClient(rango.port) as raw:
+        assert orjson.loads(raw.recv_text()) == subscribed([])
+        raw.send(RawClient.frame(OP_CLOSE, payload))
+        frames = frames_until_eof(raw)
+        assert frames[0][:2] == (True, OP_CLOSE)
+        assert frames[0][2][:2] == answer[:2]
+        if answer[2:]:
+            assert frames[0][2] == answer
+
+
+@pytest.mark.parametrize("size", [0, 1, 4, 5, 125])
+def test_ping_payload_is_echoed_in_the_pong(rango, size):
+    payload = os.urandom(size)
+    with RawClient(rango.port) as raw:
+        assert orjson.loads(raw.recv_text()) == subscribed([])
+        raw.send(RawClient.frame(OP_PING, payload))
+        assert raw.recv_frame() == (True, OP_PONG, payload)
+        raw.send(RawClient.frame(OP_PONG, b"unsolicited"))  # ignored
+        raw.send(RawClient.frame(OP_TEXT, b"ping"))
+        assert raw.recv_text() == "pong"
+
+
+def test_unmasked_ping_is_a_protocol_error(rango):
+    with RawClient(rango.port) as raw:
+        assert orjson.loads(raw.recv_text()) == subscribed([])
+        raw.send(bytes([0x89, 0x02]) + b"hi")
+        frames = frames_until_eof(raw)
+        assert frames[0][:2] == (True, OP_CLOSE) and frames[0][2][:2] == b"\x03\xea"
