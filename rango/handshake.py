@@ -17,7 +17,6 @@ checks this with Hypothesis against websockets itself).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import email.utils
 import hashlib
@@ -96,7 +95,7 @@ def parse(head: bytes) -> Upgrade | None:
         return None
     return Upgrade(
         target.decode("ascii"),
-        base64.b64encode(hashlib.sha1(key + _GUID).digest()),
+        binascii.b2a_base64(hashlib.sha1(key + _GUID).digest(), newline=False),
         _text(found.get(b"authorization")),
         _text(found.get(b"origin")),
         _text(found.get(b"host")),
@@ -116,6 +115,8 @@ def accept(upgrade: Upgrade) -> bytes:
 
 def _has_upgrade(value: bytes) -> bool:
     """``Connection`` lists ``upgrade``, and every listed option is a token."""
+    if value.lower() == b"upgrade":
+        return True
     found = False
     for item in value.split(b","):
         item = item.strip(b" \t")
@@ -133,7 +134,8 @@ def _valid_key(key: bytes) -> bool:
     if len(key) != 24:
         return False
     try:
-        return len(base64.b64decode(key, validate=True)) == 16
+        # strict_mode is what base64.b64decode(validate=True) does, as websockets calls it.
+        return len(binascii.a2b_base64(key, strict_mode=True)) == 16
     except binascii.Error:
         return False
 

@@ -251,9 +251,7 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         self.server.flush_one(self)
         transport.write(b"\x88" + bytes((len(payload),)) + payload)
-        if transport.can_write_eof():
-            transport.write_eof()
-        transport.close()
+        transport.close()  # after the write; the FIN is websockets' send_eof()
 
     def eof_received(self) -> bool:
         if self.ws is not None or self.phase is _OPEN:
