@@ -1047,7 +1047,7 @@ HEADLINES = {
     "idle-memory": ("per_connection_bytes", "per_connection_kb", "connections_per_s"),
     "connect-rate": ("upgrades_per_s", "failures", "upgrade_ms.p50", "upgrade_ms.p99"),
     "burst": ("lost", "lost_pct", "clients_dropped", "drain_seconds", "latency_ms.p99"),
-    "calibrate": ("us_per_write", "us_reader_per_write"),
+    "calibrate": ("us_per_write", "us_reader_per_write", "latency_ms.p50", "latency_ms.p99"),
 }
 
 
