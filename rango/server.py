@@ -184,7 +184,9 @@ class Connection(asyncio.Protocol):
             if self.phase is _CONNECTING:
                 self._request_data(data)
                 return
-            if self.phase is _OPEN and self._control_frame(data):
+            if self.phase is not _OPEN:
+                return  # after the client's close frame: discarded (RFC 6455 1.4)
+            if self._control_frame(data):
                 return
         elif ws.state is _CONNECTING:
             # websockets parses an unusual request; the size bound still holds.

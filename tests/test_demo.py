@@ -128,13 +128,20 @@ def test_demo_moves_the_example_page(rango_factory, demo, tmp_path):
     chromium = chromium_path()
     with serve_directory(REPO / "examples") as base:
         gateway = rango_factory(env={"API_CORS_ORIGINS": base})
-        proc, lines = demo(gateway.exchange, "--duration", "4", "--rate", "50",
+        # Long enough for a cold Chromium start on a busy machine, so that the page
+        # is subscribed while tickers (one a second) are still being published.
+        proc, lines = demo(gateway.exchange, "--duration", "8", "--rate", "50",
                            "--snapshot-every", "1", "--market", ",".join(MARKETS))
         for _ in range(20):  # the page joins a feed already running
             lines.expect(lambda line: True)
         browser = Browser(chromium, tmp_path / "profile", tmp_path / "browser.log")
         try:
             assert browser.goto(page_url(base, gateway.url("/public"), "btcusd")) == 200
+            browser.wait(
+                "document.querySelector('#status').textContent.startsWith('subscribed')",
+                what="the page subscribed",
+            )
+            assert proc.poll() is None, "the demo ended before the page subscribed"
             events = finish(proc, lines)
             book, sequence = replay(events, "btcusd")
             browser.wait(
