@@ -271,10 +271,13 @@ def amqp_url_from_env(env: Mapping[str, str] | None = None, addr: str | None = N
     if addr:
         return _check_amqp_url(addr, "--amqp-addr")
     r = EnvReader(os.environ if env is None else env)
+    host = r.str("RABBITMQ_HOST", "localhost")
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address in a URL (RFC 3986 3.2.2)
     return "amqp://{}:{}@{}:{}/".format(
         quote(r.str("RABBITMQ_USER", "guest"), safe=""),
         quote(r.str("RABBITMQ_PASSWORD", "guest"), safe=""),
-        r.str("RABBITMQ_HOST", "localhost"),
+        host,
         r.port("RABBITMQ_PORT", 5672),
     )
 

@@ -24,6 +24,7 @@ import ssl
 import time
 from urllib.parse import urlsplit
 
+import websockets.exceptions
 from websockets import http11
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Opcode
@@ -64,6 +65,19 @@ def _unmask(frame: bytes, n: int) -> bytes:
         return b""
     mask = int.from_bytes((frame[2:6] * (n // 4 + 1))[:n], "big")
     return (int.from_bytes(frame[6:], "big") ^ mask).to_bytes(n, "big")
+
+
+# websockets 14+ names it; older versions raise a plain SecurityError.
+_REQUEST_LINE_TOO_LONG = getattr(websockets.exceptions, "RequestLineTooLong", ())
+
+
+def _refusal_status(exc: BaseException) -> int:
+    """The status websockets answers a request it cannot parse with (400: closed unanswered)."""
+    if isinstance(exc, _REQUEST_LINE_TOO_LONG):
+        return 414
+    if isinstance(exc, websockets.exceptions.SecurityError):
+        return 431
+    return 400
 
 
 # An Origin or Host header given more than once (never allowed).
@@ -358,6 +372,11 @@ class Connection(asyncio.Protocol):
             # a 101 its parser stops exactly at the first frame byte.
             self.head = head
             self._receive(head[: end + 4])
+            ws = self.ws
+            if ws is not None and ws.handshake_exc is not None and not ws.accept_called:
+                # Refused while parsing it (too many headers, malformed): counted
+                # here since Rango never saw a request.
+                self.server.metrics.rejected(_refusal_status(ws.handshake_exc))
         else:
             self.head = b""
             status, reason = self.server.check_request(

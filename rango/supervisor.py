@@ -58,6 +58,9 @@ class Worker:
         self.started = time.monotonic()
         self.status = "starting"
         self.draining = False
+        # Started by a rolling restart and not listening yet: if it dies, the
+        # restart keeps the old worker instead of _watch replacing this one.
+        self.trial = False
         self.listening = asyncio.get_running_loop().create_future()
         self.ready = asyncio.get_running_loop().create_future()
 
@@ -232,6 +235,8 @@ class Supervisor:
                 assert self._done is not None
                 self._done.set()
             return
+        if worker.trial:
+            return  # _rolling_restart logs it and keeps the old worker
         if code == 2 and not worker.listening.done():
             # Status 2 is a configuration error (e.g. the port is taken): a new
             # worker would fail the same way, so stop rather than loop.
@@ -260,19 +265,22 @@ class Supervisor:
                 # Still tracked while its successor starts: a SIGTERM now must stop it too.
                 self.retired.add(old)
             new = await self.spawn(index)
-            try:
-                await asyncio.wait_for(asyncio.shield(new.listening), READY_TIMEOUT)
+            new.trial = True
+            failure = await self._started(new)
+            new.trial = False
+            if self.stopping:
+                return  # _shutdown stops old and new alike
+            if failure is None:
                 # Wait for the consumer too, unless RabbitMQ is down anyway.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(new.ready), 5.0)
-            except TimeoutError:
-                log.error("rolling restart: worker %d (pid %d) not listening after %.0f s; "
-                          "keeping the old one", index, new.pid, READY_TIMEOUT)
-                # ``new`` may have died and been replaced meanwhile: stop whichever runs.
-                for worker in (new, self.workers.get(index)):
-                    if worker is not None and worker is not old:
-                        worker.draining = True
-                        worker.signal(signal.SIGKILL)
+            else:
+                log.error("rolling restart: worker %d (pid %d) %s; keeping the old one",
+                          index, new.pid, failure)
+                new.draining = True
+                new.signal(signal.SIGKILL)
+                if self.workers.get(index) is new:
+                    del self.workers[index]
                 if old is not None and old.process.returncode is None:
                     self.retired.discard(old)
                     self.workers[index] = old
@@ -286,6 +294,23 @@ class Supervisor:
                 old.draining = True
                 old.signal(signal.SIGTERM)
         log.info("rolling restart done")
+
+    async def _started(self, worker: Worker) -> str | None:
+        """Wait until a new worker listens; return why it did not, or None if it does."""
+        exited = asyncio.ensure_future(worker.process.wait())
+        try:
+            await asyncio.wait(
+                (worker.listening, exited), timeout=READY_TIMEOUT,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+        finally:
+            exited.cancel()
+        if worker.listening.done():
+            return None
+        code = worker.process.returncode
+        if code is not None:
+            return f"exited with status {code} before listening"
+        return f"not listening after {READY_TIMEOUT:.0f} s"
 
     async def _shutdown(self) -> None:
         workers = self._all()

@@ -328,8 +328,9 @@ def parse_event(line: bytes, raw: bool = False) -> Event | None:
 
 
 def publish(args: argparse.Namespace) -> int:
-    """Publish the events of ``args.files`` (or stdin) to ``args.exchange``."""
+    """Publish the events of ``args.files`` (or stdin) to the exchange (see _exchange)."""
     url = _amqp_url(args)
+    exchange = _exchange(args)
     skipped = 0
 
     def skip(message: str) -> None:
@@ -339,12 +340,12 @@ def publish(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         inputs = [_open_input(name, stack) for name in args.files or ["-"]]
-        channel = stack.enter_context(_amqp_channel(url, args.exchange))
+        channel = stack.enter_context(_amqp_channel(url, exchange))
         events: Iterable[Event] = _read_events(inputs, args.raw, skip)
         if args.repeat > 1:
             events = list(events) * args.repeat
-        count = _publish_events(channel, args.exchange, events, args.rate)
-    _warn("publish", f"published {_plural(count, 'event')} to {args.exchange}, "
+        count = _publish_events(channel, exchange, events, args.rate)
+    _warn("publish", f"published {_plural(count, 'event')} to {exchange}, "
           f"skipped {_plural(skipped, 'line')}")
     return FAILED if skipped else OK
 
@@ -374,21 +375,33 @@ def _read_events(
 
 
 def _add_amqp_flags(parser: argparse.ArgumentParser) -> None:
-    """``--amqp-addr`` and ``--exchange``, the broker flags of ``publish`` and ``demo``."""
+    """``--amqp-addr`` and ``--exchange``, the broker flags of ``publish`` and ``demo``.
+
+    The server's parser has the same flags, so ``rango --exchange X publish`` works
+    too: SUPPRESS keeps the tool's parser from overwriting them with its defaults.
+    """
     parser.add_argument(
         "--amqp-addr", "-amqp-addr", dest="amqp_addr", metavar="URL",
+        default=argparse.SUPPRESS,
         help="RabbitMQ URL (default: built from RABBITMQ_HOST, _PORT, _USER, _PASSWORD)",
     )  # fmt: skip
     parser.add_argument(
-        "--exchange", "-exchange", default=DEFAULT_EXCHANGE, metavar="NAME",
-        help=f"topic exchange (default: {DEFAULT_EXCHANGE})",
+        "--exchange", "-exchange", dest="exchange", metavar="NAME", default=argparse.SUPPRESS,
+        help=f"topic exchange (default: RANGO_EXCHANGE, else {DEFAULT_EXCHANGE})",
     )  # fmt: skip
+
+
+def _exchange(args: argparse.Namespace) -> str:
+    """``--exchange``, else ``RANGO_EXCHANGE``, else Rango's default: the server's own rule."""
+    return (
+        getattr(args, "exchange", None) or os.environ.get("RANGO_EXCHANGE") or DEFAULT_EXCHANGE
+    )
 
 
 def _amqp_url(args: argparse.Namespace) -> str:
     """The broker URL from ``--amqp-addr``, else from the ``RABBITMQ_*`` variables."""
     try:
-        return amqp_url_from_env(addr=args.amqp_addr)
+        return amqp_url_from_env(addr=getattr(args, "amqp_addr", None))
     except ConfigError as exc:
         raise ToolError(str(exc)) from None
 
@@ -676,6 +689,7 @@ def demo(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     markets = [_DemoMarket(name, rng) for name in dict.fromkeys(names)]
     url = _amqp_url(args)
+    exchange = _exchange(args)
     published = 0
 
     def counted(events: Iterable[Event]) -> Iterator[Event]:
@@ -688,18 +702,18 @@ def demo(args: argparse.Namespace) -> int:
             published += 1  # resumed once the event is published
 
     events = _demo_events(markets, args.uid, rng, args.snapshot_every, args.duration)
-    with _amqp_channel(url, args.exchange) as channel:
+    with _amqp_channel(url, exchange) as channel:
         _warn(
             "demo",
             f"publishing {', '.join(m.name for m in markets)} at {args.rate:g} "
-            f"events/s to {args.exchange} (private events of {args.uid}); ^C stops",
+            f"events/s to {exchange} (private events of {args.uid}); ^C stops",
         )
         try:
-            _publish_events(channel, args.exchange, counted(events), args.rate)
+            _publish_events(channel, exchange, counted(events), args.rate)
         except KeyboardInterrupt:
             _warn("demo", f"interrupted: published {_plural(published, 'event')}")
             return OK
-    _warn("demo", f"published {_plural(published, 'event')} to {args.exchange}")
+    _warn("demo", f"published {_plural(published, 'event')} to {exchange}")
     return OK
 
 

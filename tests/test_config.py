@@ -6,11 +6,12 @@ import base64
 import logging
 from pathlib import Path
 
+import pika
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from rango.config import Config, ConfigError, parse_addr
+from rango.config import Config, ConfigError, amqp_url_from_env, parse_addr
 
 
 def public_pem(private_key: object) -> bytes:
@@ -67,6 +68,16 @@ def test_defaults_are_go_rangos(env: dict[str, str], rsa_pem: bytes) -> None:
     assert config.workers == 0
     assert config.ping_interval == 54.0  # Go Rango's ping period
     assert config.max_increments == 10_000
+
+
+@pytest.mark.parametrize(
+    ("host", "netloc"),
+    [("::1", "[::1]"), ("[fd00::5]", "[fd00::5]"), ("10.0.0.5", "10.0.0.5"), ("rabbit", "rabbit")],
+)
+def test_rabbitmq_host_ipv6_is_bracketed(host: str, netloc: str) -> None:
+    url = amqp_url_from_env({"RABBITMQ_HOST": host, "RABBITMQ_PORT": "5673"})
+    assert url == f"amqp://guest:guest@{netloc}:5673/"
+    assert pika.URLParameters(url).host == host.strip("[]")
 
 
 def test_flags_given_as_none_mean_not_given(env: dict[str, str]) -> None:

@@ -757,7 +757,17 @@ def test_upgrade_request_too_large(gw, bystander, path, headers, status):
 
 def test_too_many_header_lines(gw, bystander):
     """Under the size limit, but more lines than websockets parses (it answers by itself)."""
+    before = counter(gw, "rango_connections_rejected_total", status="431")
     assert upgrade_status(gw.port, "/public", {f"X-H{i}": "b" for i in range(200)}) == 431
+    wait_counter(gw, "rango_connections_rejected_total", before + 1, status="431")
+    bystander.checkpoint()
+
+
+def test_malformed_request_is_closed_and_counted_as_400(gw, bystander):
+    """websockets closes on a request it cannot parse, without an answer; it is counted."""
+    before = counter(gw, "rango_connections_rejected_total", status="400")
+    assert upgrade_status(gw.port, "/public", {"Bad Header": "x"}) == 0
+    wait_counter(gw, "rango_connections_rejected_total", before + 1, status="400")
     bystander.checkpoint()
 
 

@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+import orjson
 import pytest
 from conftest import REPO, Rango, unique, wait_for
 from proctools import (
@@ -390,3 +391,37 @@ def test_worker_dying_at_start_is_restarted_with_capped_backoff(keys, tmp_path):
     finally:
         code = rango.stop()
     assert code == 0, rango.log()[-3000:]
+
+
+def test_rolling_restart_keeps_the_old_worker_when_the_new_one_cannot_start(
+    rango_factory, keys, tmp_path, publisher_factory
+):
+    """A SIGHUP whose new worker exits before listening (here: a broken key file)
+    gives up at once and keeps the old worker serving; a later SIGHUP can succeed."""
+    key = tmp_path / "rolling-key.pub"
+    key.write_bytes(keys.public_pem)
+    rango = rango_factory(args=["--pubKey", str(key)])
+    publisher = publisher_factory(rango.exchange)
+    [old] = wait_for(lambda: rango.worker_pids(), 10, "the worker")
+    stream = f"{unique()}.trades"
+    with sync_connect(rango.url(query=f"stream={stream}")) as ws:
+        assert orjson.loads(ws.recv(timeout=5))["success"]["streams"] == [stream]
+        key.write_text("not a key\n")
+        rango.send_signal(signal.SIGHUP)
+        # Well before READY_TIMEOUT (30 s): the failure is noticed when the worker exits.
+        wait_for(lambda: "keeping the old one" in rango.log(), 10, "the failed restart")
+        assert "exited with status 2 before listening" in rango.log()
+        wait_for(lambda: rango.worker_pids() == [old], 10, "only the old worker")
+        publisher.publish(f"public.{stream}", {"n": 1})
+        assert ws.recv(timeout=5) == f'{{"{stream}":{{"n":1}}}}'
+    assert not rango.exited()
+    assert rango.ready()
+
+    key.write_bytes(keys.public_pem)
+    rango.send_signal(signal.SIGHUP)
+    wait_for(lambda: "rolling restart done" in rango.log(), 30, "the second restart")
+    wait_for(lambda: old not in rango.worker_pids() and len(rango.worker_pids()) == 1, 15, "new")
+    with sync_connect(rango.url(query=f"stream={stream}")) as ws:
+        ws.recv(timeout=5)
+        publisher.publish(f"public.{stream}", {"n": 2})
+        assert ws.recv(timeout=5) == f'{{"{stream}":{{"n":2}}}}'

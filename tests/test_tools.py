@@ -270,6 +270,26 @@ def test_publish_reads_stdin_with_the_broker_from_env(rango):
     assert arrivals[-1] - arrivals[0] > 0.15
 
 
+@pytest.mark.parametrize(
+    "where", ["before-the-tool", "RANGO_EXCHANGE"], ids=["flags-first", "env"]
+)
+def test_publish_finds_the_exchange_as_the_server_does(rango, where):
+    """``rango --exchange X publish`` and ``RANGO_EXCHANGE`` both name the exchange."""
+    market = unique()
+    line = f'public.{market}.trades {{"tid":1}}\n'
+    if where == "RANGO_EXCHANGE":
+        args, env = ["publish"], {**amqp_env(), "RANGO_EXCHANGE": rango.exchange}
+    else:
+        args = ["--exchange", rango.exchange, "--amqp-addr", AMQP_URL, "publish"]
+        env = {k: v for k, v in os.environ.items() if k != "RANGO_EXCHANGE"}
+    with rango.connect(query=f"stream={market}.trades") as ws:
+        assert recv_json(ws) == subscribed(f"{market}.trades")
+        result = run_tool(*args, input=line, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"to {rango.exchange}" in result.stderr
+        assert recv_json(ws) == {f"{market}.trades": {"tid": 1}}
+
+
 def test_publish_raw_sends_bodies_unchecked(rango):
     """--raw lets a test feed the gateway bad bodies: it drops them, delivers the rest."""
     market = unique()
