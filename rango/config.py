@@ -247,6 +247,8 @@ def parse_addr(value: str, name: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep:
         raise ConfigError(f"{name}: {value!r} is not host:port")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ConfigError(f"{name}: {value!r}: write an IPv6 address in brackets, e.g. [::1]:8080")
     host = host.strip("[]") or "0.0.0.0"
     try:
         number = int(port)

@@ -321,7 +321,9 @@ def test_key_file_is_a_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["abc", "8080", "host:", "host:0", "host:70000", "host:http", ":", "[::1]:-1"]
+    "value",
+    ["abc", "8080", "host:", "host:0", "host:70000", "host:http", ":", "[::1]:-1", "::1",
+     "::1:8080", "[::1:8080"],
 )
 def test_bad_ws_addr(env: dict[str, str], value: str) -> None:
     assert config_error(env, ws_addr=value).startswith("--ws-addr: ")
