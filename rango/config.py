@@ -19,11 +19,13 @@ from pathlib import Path
 from urllib.parse import quote, urlsplit
 
 __all__ = [
+    "DEFAULT_EXCHANGE",
     "LOG_LEVELS",
     "Config",
     "ConfigError",
     "EnvReader",
     "amqp_url_from_env",
+    "exchange_from_env",
     "load_public_key_pem",
     "parse_addr",
 ]
@@ -46,6 +48,9 @@ JWT_ALGORITHMS = (
 
 _RBAC_ROLE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
+# Peatio's exchange for Ranger's events, as Ranger and Go Rango default to.
+DEFAULT_EXCHANGE = "peatio.events.ranger"
+
 
 class ConfigError(ValueError):
     """A setting has a value Rango cannot start with; the message names it."""
@@ -60,7 +65,7 @@ class Config:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 4242
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
-    exchange: str = "peatio.events.ranger"
+    exchange: str = DEFAULT_EXCHANGE
     jwt_public_key: bytes = b""
     jwt_algorithm: str = "RS256"
     jwt_issuer: str | None = None
@@ -140,9 +145,7 @@ class Config:
         if log_format not in ("text", "json"):
             raise ConfigError(f"LOG_FORMAT: {log_format!r} is not one of text, json")
 
-        exchange = str(flags.get("exchange") or r.str("RANGO_EXCHANGE", "peatio.events.ranger"))
-        if not 0 < len(exchange.encode()) <= 255:
-            raise ConfigError("--exchange: the name must be 1 to 255 bytes")
+        exchange = exchange_from_env(env, flags.get("exchange"))  # type: ignore[arg-type]
 
         workers = flags.get("workers")
         if workers is None:
@@ -257,6 +260,19 @@ def parse_addr(value: str, name: str) -> tuple[str, int]:
     if not 1 <= number <= 65535:
         raise ConfigError(f"{name}: port {number} is out of range (1 to 65535)")
     return host, number
+
+
+def exchange_from_env(env: Mapping[str, str] | None = None, flag: str | None = None) -> str:
+    """Return the ``--exchange`` flag's value, else ``RANGO_EXCHANGE``, else the default.
+
+    Raises :class:`ConfigError` if the name is empty or longer than AMQP allows.
+    """
+    exchange = flag or EnvReader(os.environ if env is None else env).str(
+        "RANGO_EXCHANGE", DEFAULT_EXCHANGE
+    )
+    if not 0 < len(exchange.encode()) <= 255:
+        raise ConfigError("--exchange: the name must be 1 to 255 bytes")
+    return exchange
 
 
 def amqp_url_from_env(env: Mapping[str, str] | None = None, addr: str | None = None) -> str:

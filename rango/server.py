@@ -378,14 +378,12 @@ class Connection(asyncio.Protocol):
                 # here since Rango never saw a request.
                 self.server.metrics.rejected(_refusal_status(ws.handshake_exc))
         else:
-            self.head = b""
             status, reason = self.server.check_request(
                 self, upgrade.target, upgrade.authorization, upgrade.origin, upgrade.host
             )
             if status:
                 self._reject(status, reason)
                 return
-            self.phase = _OPEN
             # Queued, not written: it leaves with the subscribed answer.
             self.push(handshake.accept(upgrade))
             self._open(upgrade.target)
@@ -412,7 +410,6 @@ class Connection(asyncio.Protocol):
         # suspended parser: a fresh one, created on the first frame, is the
         # same protocol without it.
         self.ws = None
-        self.phase = _OPEN
         self._open(request.path)
 
     def _reject(self, status: int, reason: str) -> None:
@@ -426,6 +423,7 @@ class Connection(asyncio.Protocol):
     def _open(self, target: str) -> None:
         """Register the upgraded connection; its query-string streams are subscribed."""
         server = self.server
+        self.phase = _OPEN
         self.head = b""
         self.tokens = float(server.config.rate_burst)
         self.registered = True

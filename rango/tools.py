@@ -31,7 +31,13 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import orjson
 
-from .config import JWT_ALGORITHMS, ConfigError, amqp_url_from_env
+from .config import (
+    DEFAULT_EXCHANGE,
+    JWT_ALGORITHMS,
+    ConfigError,
+    amqp_url_from_env,
+    exchange_from_env,
+)
 
 # Each tool imports the heavy libraries it needs (cryptography, PyJWT, pika,
 # websockets) when it runs: `rango keygen` or `rango --help` need not load them all.
@@ -45,7 +51,6 @@ __all__ = ["Event", "ToolError", "add_parsers", "mint_token", "parse_event"]
 DEFAULT_KEY = "config/rsa-key"
 DEFAULT_UID = "IDABC0000001"
 DEFAULT_ROLE = "member"
-DEFAULT_EXCHANGE = "peatio.events.ranger"
 DEFAULT_LISTEN_URL = "ws://127.0.0.1:8080/public"
 
 # Exit statuses.
@@ -392,10 +397,11 @@ def _add_amqp_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _exchange(args: argparse.Namespace) -> str:
-    """``--exchange``, else ``RANGO_EXCHANGE``, else Rango's default: the server's own rule."""
-    return (
-        getattr(args, "exchange", None) or os.environ.get("RANGO_EXCHANGE") or DEFAULT_EXCHANGE
-    )
+    """``--exchange``, else ``RANGO_EXCHANGE``, else the default: the server's own rule."""
+    try:
+        return exchange_from_env(flag=getattr(args, "exchange", None))
+    except ConfigError as exc:
+        raise ToolError(str(exc)) from None
 
 
 def _amqp_url(args: argparse.Namespace) -> str:
