@@ -167,12 +167,7 @@ class Rango:
         """Metric samples as ``{'name{labels}': value}``."""
         status, text = self.http("/metrics")
         assert status == 200
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return parse_metrics(text)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -212,6 +207,16 @@ def child_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent:
             children.append((int(fields[19]), int(entry)))
     return [pid for _, pid in sorted(children)]
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text as ``{'name{labels}': value}``."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, what: str = "condition") -> Any:

@@ -20,8 +20,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
+from conftest import parse_metrics
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from wsutil import samples
 
 # Processes.
 
@@ -194,33 +196,14 @@ async def async_wait_for(predicate: Callable[[], Any], timeout: float, what: str
 
 # Metrics.
 
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
 def scrape(port: int) -> dict[str, float]:
     """The samples of ``/metrics`` as ``{'name{labels}': value}``; raises OSError if down."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def series(metrics: dict[str, float], name: str) -> list[tuple[dict[str, str], float]]:
-    """Samples of metric ``name`` as ``(labels, value)``."""
-    found = []
-    for key, value in metrics.items():
-        metric, _, labels = key.partition("{")
-        if metric == name:
-            found.append((dict(_LABEL.findall(labels)), value))
-    return found
+        return parse_metrics(resp.read().decode())
 
 
 def clients_gauge(port: int) -> float | None:
-    found = series(scrape(port), "rango_hub_clients_count")
+    found = samples(scrape(port), "rango_hub_clients_count")
     return found[0][1] if found else None
 
 
@@ -243,18 +226,18 @@ def check_scrape(metrics: dict[str, float], indexes: set[str], own: str) -> list
     an AMQP state other than 0/1, a process total that is not the sum of its parts."""
     problems = []
     for name in ("rango_hub_clients_count", "rango_hub_subscriptions_count"):
-        for labels, value in series(metrics, name):
+        for labels, value in samples(metrics, name):
             if value < 0:
                 problems.append(f"{name}{labels} = {value}")
-    for labels, value in series(metrics, "rango_amqp_connected"):
+    for labels, value in samples(metrics, "rango_amqp_connected"):
         if labels.get("worker") not in indexes or value not in (0.0, 1.0):
             problems.append(f"rango_amqp_connected{labels} = {value}")
     for name in ("rango_worker_resident_memory_bytes", "rango_worker_open_fds"):
-        for labels, _ in series(metrics, name):
+        for labels, _ in samples(metrics, name):
             if set(labels) != {"worker"} or labels["worker"] not in indexes | {own}:
                 problems.append(f"{name} has label {labels}")
-    parts = series(metrics, "rango_worker_resident_memory_bytes")
-    total = series(metrics, "process_resident_memory_bytes")
+    parts = samples(metrics, "rango_worker_resident_memory_bytes")
+    total = samples(metrics, "process_resident_memory_bytes")
     if not parts or len(total) != 1:
         problems.append("process_resident_memory_bytes or its breakdown is missing")
     elif not math.isclose(total[0][1], sum(v for _, v in parts), rel_tol=1e-12):

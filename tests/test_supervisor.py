@@ -30,12 +30,12 @@ from proctools import (
     open_clients,
     queues_of,
     scrape,
-    series,
     socket_owners,
     wait_counts,
     worker_index,
 )
 from websockets.sync.client import connect as sync_connect
+from wsutil import samples
 
 TWO = {"RANGO_WORKERS": "2"}
 
@@ -138,7 +138,7 @@ def test_kill_9_of_a_worker(rango_factory, publisher_factory):
         # The dead worker leaves the sums by the first scrape after it is reaped.
         await async_wait_for(lambda: victim not in rango.worker_pids(), 10, "victim reaped")
         metrics = scrape(rango.metrics_port)
-        assert series(metrics, "rango_hub_clients_count") == [({}, len(survivors))], metrics
+        assert samples(metrics, "rango_hub_clients_count") == [({}, len(survivors))], metrics
 
         # A replacement appears, consumes, and serves new connections.
         new = await async_wait_for(
@@ -166,7 +166,7 @@ def test_kill_9_of_a_worker(rango_factory, publisher_factory):
         assert all(c.numbers == list(range(total + 1)) for c in survivors)
 
         metrics = scrape(rango.metrics_port)
-        workers = {labels["worker"] for labels, _ in series(metrics, "rango_amqp_connected")}
+        workers = {labels["worker"] for labels, _ in samples(metrics, "rango_amqp_connected")}
         assert workers == {"0", "1"}, metrics
         await asyncio.gather(*(c.close() for c in open_now))
         await gauge_reaches(rango.metrics_port, 0)

@@ -34,11 +34,11 @@ from proctools import (
     open_clients,
     queues_of,
     scrape,
-    series,
     socket_owners,
     wait_counts,
     worker_index,
 )
+from wsutil import samples
 
 BIN = Path(sys.executable).parent
 SUPERVISORD = shutil.which("supervisord", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -144,12 +144,12 @@ def test_supervisord_runs_workers_and_exporter(keys, tmp_path, publisher_factory
             metrics = scrape(metrics_port)
             assert check_scrape(metrics, {"0", "1"}, "exporter") == []
             amqp_states = {
-                labels["worker"]: v for labels, v in series(metrics, "rango_amqp_connected")
+                labels["worker"]: v for labels, v in samples(metrics, "rango_amqp_connected")
             }
             assert amqp_states == {"0": 1.0, "1": 1.0}, amqp_states
             parts = {
                 labels["worker"]
-                for labels, _ in series(metrics, "rango_worker_resident_memory_bytes")
+                for labels, _ in samples(metrics, "rango_worker_resident_memory_bytes")
             }
             assert parts == {"0", "1", "exporter"}, parts
 

@@ -61,6 +61,21 @@ def assert_alive(ws: ClientConnection) -> None:
 # A raw websocket client, for clients that must misbehave or split bytes freely.
 
 
+def upgrade_request(port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """A websocket upgrade request with a fresh key and any extra ``headers``."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [
+        f"GET {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 class RawClient:
     """A websocket client written by hand: frames are sent exactly as given."""
 
@@ -73,17 +88,7 @@ class RawClient:
     ) -> None:
         """Upgrade; ``pipelined`` bytes go in the same write, right behind the request."""
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {path} HTTP/1.1",
-            f"Host: 127.0.0.1:{port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-            *(f"{name}: {value}" for name, value in (headers or {}).items()),
-        ]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + pipelined)
+        self.sock.sendall(upgrade_request(port, path, headers) + pipelined)
         self.buffer = b""
         while b"\r\n\r\n" not in self.buffer:
             self._read()
@@ -154,17 +159,7 @@ def upgrade_status(
     has read all of it. With ``first``, the first ``first`` bytes go in a TCP segment
     of their own.
     """
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        f"Host: 127.0.0.1:{port}",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    data = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    data = upgrade_request(port, path, headers)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
