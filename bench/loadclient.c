@@ -418,6 +418,26 @@ static int handshake_response(conn_t *c, uint8_t *p, size_t n, size_t *consumed)
 
 static void maybe_ready(void);
 
+/* The server closed (how: 1 EOF, 2 reset or error): count it by mode and state. */
+static void on_lost(conn_t *c, int how) {
+    if (mode == M_CONNECT_RATE) {
+        if (c->state != S_CLOSING) {
+            if (how == 1) cr_fail_eof++;
+            else cr_fail_reset++;
+        }
+        conn_close(c, 0);
+        return;
+    }
+    if (c->state != S_OPEN) {
+        n_failed++;
+        n_handshake_fail++;
+        conn_close(c, 0);
+        maybe_ready();
+        return;
+    }
+    conn_lost(c, how);
+}
+
 static void on_readable(long slot) {
     conn_t *c = &conns[slot];
     size_t have = c->plen;
@@ -478,34 +498,10 @@ static void on_readable(long slot) {
     if (mode != M_CONNECT_RATE) maybe_ready();
     return;
 lost_eof:
-    if (mode == M_CONNECT_RATE) {
-        if (c->state != S_CLOSING) cr_fail_eof++;
-        conn_close(c, 0);
-        return;
-    }
-    if (c->state != S_OPEN) {
-        n_failed++;
-        n_handshake_fail++;
-        conn_close(c, 0);
-        maybe_ready();
-        return;
-    }
-    conn_lost(c, 1);
+    on_lost(c, 1);
     return;
 lost_reset:
-    if (mode == M_CONNECT_RATE) {
-        if (c->state != S_CLOSING) cr_fail_reset++;
-        conn_close(c, 0);
-        return;
-    }
-    if (c->state != S_OPEN) {
-        n_failed++;
-        n_handshake_fail++;
-        conn_close(c, 0);
-        maybe_ready();
-        return;
-    }
-    conn_lost(c, 2);
+    on_lost(c, 2);
 }
 
 static void on_writable(long slot) {
