@@ -36,7 +36,7 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="rango
 from rango.config import Config  # noqa: E402
 from rango.hub import Hub  # noqa: E402
 from rango.metrics import Metrics  # noqa: E402
-from rango.server import Connection, Server  # noqa: E402
+from rango.server import Server, ServerConnection  # noqa: E402
 
 REQUEST = (
     b"GET /public?stream=benchusd.trades HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
@@ -82,14 +82,15 @@ def make_server() -> Server:
     if not key.exists():
         from rango.cli import main as rango_main
 
-        rango_main(["keygen", "--out", str(key.parent), "--force"])
+        key.parent.mkdir(parents=True, exist_ok=True)
+        rango_main(["keygen", "--out", str(key.with_suffix("")), "--force"])
     config = Config.from_env({}, pub_key=str(key))
     metrics = Metrics("0")
     return Server(config, Hub(config.rbac, observer=metrics), metrics)
 
 
 def connection_life(server: Server) -> None:
-    conn = Connection(server)
+    conn = ServerConnection(server)
     conn.connection_made(Transport())  # type: ignore[arg-type]
     conn.data_received(REQUEST)
     server.flush()
@@ -122,7 +123,7 @@ async def run(args: argparse.Namespace) -> None:
 
     conns = []
     for _ in range(args.subscribers):
-        conn = Connection(server)
+        conn = ServerConnection(server)
         conn.connection_made(Transport())  # type: ignore[arg-type]
         conn.data_received(REQUEST)
         conns.append(conn)

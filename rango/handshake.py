@@ -24,7 +24,7 @@ import re
 import time
 from typing import NamedTuple
 
-__all__ = ["MAX_HEADERS", "Upgrade", "accept", "parse"]
+__all__ = ["MAX_HEADERS", "Upgrade", "accept", "parse", "refusal"]
 
 # websockets' own limit (http11.MAX_NUM_HEADERS); more goes to websockets.
 MAX_HEADERS = 128
@@ -111,6 +111,21 @@ def accept(upgrade: Upgrade) -> bytes:
         upgrade.accept,
         b"\r\n\r\n",
     ))
+
+
+_PHRASES = {401: "Unauthorized", 431: "Request Header Fields Too Large"}
+
+
+def refusal(status: int) -> bytes:
+    """An empty HTTP answer with ``status`` (401 or 431) that closes the connection.
+
+    For requests refused before they are parsed (too large): websockets never
+    sees them, so Rango words the answer itself.
+    """
+    return (
+        f"HTTP/1.1 {status} {_PHRASES[status]}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        .encode()
+    )
 
 
 def _has_upgrade(value: bytes) -> bool:

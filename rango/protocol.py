@@ -1,18 +1,22 @@
 """Rango's message layer, sans I/O: client requests, server answers, frames.
 
 Nothing here touches a socket. The functions turn client text into requests
-(PROTOCOL §3), build the server's answers as bytes, and encode websocket frames
-so that one event's frame is built once and written to every subscriber.
+(PROTOCOL §3) and build the server's answers and event payloads as bytes;
+:func:`text_frame` (:func:`rango.frames.encode`) wraps them in a websocket frame,
+once per event for every subscriber.
 """
 
 from __future__ import annotations
 
-import struct
+import functools
 from enum import Enum
 from typing import NamedTuple
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
+
+from .frames import PING  # noqa: F401  # TODO(arch): tests import it from here until they move
+from .frames import encode as text_frame
 
 __all__ = [
     "PONG",
@@ -25,6 +29,7 @@ __all__ = [
     "parse_request",
     "stream_kind",
     "success",
+    "target_streams",
     "text_frame",
 ]
 
@@ -105,6 +110,17 @@ def parse_query_streams(query: str) -> list[str]:
     return streams[:MAX_STREAMS_PER_REQUEST]
 
 
+@functools.lru_cache(maxsize=256)
+def _query_streams(query: str) -> tuple[str, ...]:
+    return tuple(parse_query_streams(query))
+
+
+def target_streams(target: str) -> tuple[str, ...]:
+    """The streams a request target's query string names (cached: clients share URLs)."""
+    query = urlsplit(target).query
+    return _query_streams(query) if query else ()
+
+
 def success(message: str, streams: list[str] | None = None) -> bytes:
     """``{"success":{"message":...,"streams":[...]}}`` as bytes."""
     body: dict[str, object] = {"message": message}
@@ -123,25 +139,4 @@ def event_payload(topic: str, body: bytes) -> bytes:
     return b"".join((b"{", orjson.dumps(topic), b":", body, b"}"))
 
 
-_PACK2 = struct.Struct("!BB").pack
-_PACK4 = struct.Struct("!BBH").pack
-_PACK10 = struct.Struct("!BBQ").pack
-
-
-def text_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """Encode an unmasked, final server frame (RFC 6455 §5.2) around ``payload``.
-
-    Servers never mask and Rango negotiates no extension by default, so the frame
-    is the same for every client: build it once, write it to all of them.
-    """
-    n = len(payload)
-    head = 0x80 | opcode
-    if n < 126:
-        return _PACK2(head, n) + payload
-    if n < 65536:
-        return _PACK4(head, 126, n) + payload
-    return _PACK10(head, 127, n) + payload
-
-
 PONG = text_frame(b"pong")
-PING = text_frame(b"", opcode=0x9)
