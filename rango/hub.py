@@ -18,6 +18,7 @@ events arrived. Without a ``wake`` callback each event is delivered at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from enum import StrEnum
 from typing import Protocol
 
 import orjson
@@ -25,7 +26,7 @@ import orjson
 from .auth import Auth
 from .protocol import Kind, event_payload, stream_kind, success, text_frame
 
-__all__ = ["Drop", "Hub", "Observer", "Subscriber"]
+__all__ = ["Drop", "DropReason", "Hub", "Observer", "Subscriber"]
 
 _PUBLIC_SCOPES = frozenset(("public", "global"))
 
@@ -53,10 +54,34 @@ class Observer:
         """The number of subscriptions to ``topic`` of ``kind`` changed to ``count``."""
 
 
-class Drop(Exception):
-    """An event was dropped; ``reason`` is a short constant suitable as a metric label."""
+class DropReason(StrEnum):
+    """Why an event is dropped: the metric label, with the explanation logged beside it."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    explanation: str
+
+    def __new__(cls, label: str, explanation: str) -> DropReason:
+        member = str.__new__(cls, label)
+        member._value_ = label
+        member.explanation = explanation
+        return member
+
+    BAD_ROUTING_KEY = (
+        "bad_routing_key", "routing key is not scope.id.event, public.event or global.event"
+    )
+    BAD_BODY = "bad_body", "body is not JSON"
+    TOO_LARGE = "too_large", "body larger than RANGO_MAX_EVENT_SIZE"
+    NO_SNAPSHOT = "no_snapshot", "order-book increment before any snapshot"
+    INCREMENTS_FULL = (
+        "increments_full",
+        "stored increments reached RANGO_MAX_INCREMENTS; book discarded until the next snapshot",
+    )
+    INTERNAL_ERROR = "internal_error", "Rango failed to route it (a bug: see the traceback)"
+
+
+class Drop(Exception):
+    """An event was dropped for ``reason``; ``detail`` names the event (its routing key)."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
         super().__init__(reason, detail)
         self.reason = reason
         self.detail = detail
@@ -218,13 +243,13 @@ class Hub:
         elif len(parts) == 2 and parts[0] in _PUBLIC_SCOPES and parts[1]:
             scope, middle, event = parts[0], "", parts[1]
         else:
-            raise Drop("bad_routing_key", routing_key)
+            raise Drop(DropReason.BAD_ROUTING_KEY, routing_key)
         if len(body) > self.max_event_size:
-            raise Drop("too_large", routing_key)
+            raise Drop(DropReason.TOO_LARGE, routing_key)
         try:
             orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise Drop("bad_body", routing_key) from None
+            raise Drop(DropReason.BAD_BODY, routing_key) from None
 
         if scope == "private":
             topics = self.private.get(middle)
@@ -286,13 +311,13 @@ class Hub:
         base = stream[:-4]
         book = self.books.get(base)
         if book is None:
-            raise Drop("no_snapshot", stream)
+            raise Drop(DropReason.NO_SNAPSHOT, stream)
         if len(book.increments) >= self.max_increments:
             # Keeping the snapshot while dropping increments would hand the next
             # subscriber a book with a gap; forget it and wait for a fresh one,
             # which then goes to every subscriber (no snapshot was stored).
             del self.books[base]
-            raise Drop("increments_full", stream)
+            raise Drop(DropReason.INCREMENTS_FULL, stream)
         frame = self.encode(event_payload(stream, body))
         book.increments.append(frame)
         return self._push_all(self.public.get(stream), frame)

@@ -1,6 +1,7 @@
 """The supervisor of ``rango --workers N``: spawn, watch, restart, signal, drain.
 
-Each worker is a separate process (``python -m workers.worker``) that binds the
+Each worker is a separate process (``python -m workers.worker``, started as
+:mod:`rango.contract` says) that binds the
 websocket port with ``SO_REUSEPORT`` and consumes its own exclusive queue, so
 every worker sees every event and the kernel spreads connections among them.
 The supervisor holds no client connection and routes nothing: it restarts
@@ -30,11 +31,22 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 
-from .config import Config
+from .config import Config, ConfigError
+from .contract import (
+    METRICS_LISTENER,
+    WS_LISTENER,
+    Exit,
+    Status,
+    cannot_listen,
+    config_error,
+    parse_statuses,
+    run_loop,
+    worker_command,
+    worker_env,
+)
 
 __all__ = ["Supervisor"]
 
@@ -105,8 +117,7 @@ class Supervisor:
             # Workers bind with SO_REUSEPORT and would silently share the port
             # with another server; refuse here, once, before any worker starts.
             return self._refuse(
-                "RANGER_HOST/RANGER_PORT (or --ws-addr)", self.config.ws_host,
-                self.config.ws_port, reason,
+                cannot_listen(WS_LISTENER, self.config.ws_host, self.config.ws_port, reason)
             )
         _enable_listener_migration()
         exporter = Exporter(self.directory)
@@ -118,11 +129,9 @@ class Supervisor:
                 ready=exporter.ready,
             )
         except OSError as exc:
-            # uvloop's strerror repeats the address: use errno's text.
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            return self._refuse(
-                "RANGO_METRICS_PORT", self.config.metrics_host, self.config.metrics_port, reason
-            )
+            return self._refuse(cannot_listen(
+                METRICS_LISTENER, self.config.metrics_host, self.config.metrics_port, exc
+            ))
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -142,11 +151,10 @@ class Supervisor:
         log.info("supervisor stopped")
         return self.exit_code
 
-    def _refuse(self, setting: str, host: str, port: int, reason: str) -> int:
-        """Print why ``setting`` cannot be used, clean up, and return exit status 2."""
-        print(f"rango: {setting}: cannot listen on {host}:{port}: {reason}", file=sys.stderr)
+    def _refuse(self, error: ConfigError) -> int:
+        """Print why a setting cannot be used, clean up, and return Exit.CONFIG."""
         shutil.rmtree(self.directory, ignore_errors=True)
-        return 2
+        return config_error(error)
 
     def stop(self) -> None:
         """SIGTERM/SIGINT: drain every worker; a second signal kills them."""
@@ -175,16 +183,9 @@ class Supervisor:
     async def spawn(self, index: int) -> Worker:
         """Start worker ``index``; it reports its state on a pipe."""
         read_fd, write_fd = os.pipe()
-        env = {
-            **os.environ,
-            "RANGO_WORKER_INDEX": str(index),
-            "RANGO_WORKER_MANAGED": "1",
-            "RANGO_STATUS_FD": str(write_fd),
-            "PROMETHEUS_MULTIPROC_DIR": self.directory,
-        }
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "workers.worker", *self.argv,
-            env=env, pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL,
+            *worker_command(self.argv), env=worker_env(index, write_fd, self.directory),
+            pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         os.close(write_fd)
         worker = Worker(index, process, read_fd)
@@ -208,11 +209,11 @@ class Supervisor:
             self._loop.remove_reader(worker.status_fd)
             os.close(worker.status_fd)
             return
-        for line in data.decode(errors="replace").split():
-            worker.status = line
-            if line in ("listening", "consuming") and not worker.listening.done():
+        for word in parse_statuses(data):
+            worker.status = word
+            if word in (Status.LISTENING, Status.CONSUMING) and not worker.listening.done():
                 worker.listening.set_result(None)
-            if line == "consuming" and not worker.ready.done():
+            if word == Status.CONSUMING and not worker.ready.done():
                 worker.ready.set_result(None)
 
     async def _watch(self, worker: Worker) -> None:
@@ -237,12 +238,12 @@ class Supervisor:
             return
         if worker.trial:
             return  # _rolling_restart logs it and keeps the old worker
-        if code == 2 and not worker.listening.done():
-            # Status 2 is a configuration error (e.g. the port is taken): a new
-            # worker would fail the same way, so stop rather than loop.
+        if code == Exit.CONFIG and not worker.listening.done():
+            # A configuration error (e.g. the port is taken): a new worker
+            # would fail the same way, so stop rather than loop.
             log.error("worker %d (pid %d) could not start (%s); stopping", worker.index,
                       worker.pid, how)
-            self.exit_code = 2
+            self.exit_code = Exit.CONFIG
             self.stop()
             return
         if lived >= STABLE_AFTER:
@@ -251,11 +252,24 @@ class Supervisor:
         if self.failures[worker.index]:
             delay = min(BACKOFF_FIRST * 2 ** (self.failures[worker.index] - 1), BACKOFF_CAP)
         self.failures[worker.index] += 1
-        log.error("worker %d (pid %d) %s after %.1f s; restarting in %.1f s",
-                  worker.index, worker.pid, how, lived, delay)
+        if current:
+            log.error("worker %d (pid %d) %s after %.1f s; restarting in %.1f s",
+                      worker.index, worker.pid, how, lived, delay)
+        else:
+            log.error("worker %d (pid %d) %s after %.1f s while being replaced",
+                      worker.index, worker.pid, how, lived)
         await asyncio.sleep(delay)
-        if not self.stopping and worker.index not in self.workers:
-            await self.spawn(worker.index)
+        await self._reconcile(worker.index)
+
+    async def _reconcile(self, index: int) -> None:
+        """Start a worker in slot ``index`` if it has none: the one place that decides it.
+
+        A slot has a worker while its current process runs, including a new
+        one a rolling restart is trying out. Called after every unplanned exit
+        (after the backoff) and when a rolling restart gives a slot back.
+        """
+        if not self.stopping and index not in self.workers:
+            await self.spawn(index)
 
     async def _rolling_restart(self) -> None:
         log.info("SIGHUP: rolling restart of %d workers", len(self.workers))
@@ -284,11 +298,9 @@ class Supervisor:
                 if old is not None and old.process.returncode is None:
                     self.retired.discard(old)
                     self.workers[index] = old
-                elif not self.stopping:
-                    # The old one died meanwhile (a dead entry would hang the stop):
-                    # start over, with the usual restarts if this one fails too.
-                    self.workers.pop(index, None)
-                    await self.spawn(index)
+                # The old one may have died meanwhile (its own exit found the
+                # slot taken by the new one): the slot is refilled as any other.
+                await self._reconcile(index)
                 return
             if old is not None and old.process.returncode is None:
                 old.draining = True
@@ -376,9 +388,4 @@ def _enable_listener_migration() -> None:
 
 def run(config: Config, argv: list[str], workers: int) -> int:
     """Run a supervisor on uvloop; return the exit status."""
-    supervisor = Supervisor(config, argv, workers)
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(supervisor.run())
-    return uvloop.run(supervisor.run())
+    return run_loop(Supervisor(config, argv, workers).run())

@@ -1,0 +1,161 @@
+"""The contract between ``rango``'s supervisor and its worker processes, defined once.
+
+A worker is ``python -m workers.worker`` with the same flags as ``rango``. A
+supervisor (``rango --workers N``, or supervisord with the exporter) tells it,
+through its environment:
+
+``RANGO_WORKER_INDEX``
+    The worker's index, the ``worker`` label of its metrics.
+``RANGO_WORKER_MANAGED=1``
+    Metrics are served by the supervisor (or the exporter) from
+    ``PROMETHEUS_MULTIPROC_DIR``: the worker does not listen on the metrics
+    port itself and writes ``worker-<index>.pid`` there.
+``RANGO_STATUS_FD``
+    A pipe on which the worker reports its :class:`Status`, one word a line, so
+    that a rolling restart knows when a new worker can take over.
+
+A worker exits with :attr:`Exit.OK` after a drain and :attr:`Exit.CONFIG` when
+a setting cannot be used (the supervisor then stops instead of restarting a
+worker that would fail the same way). Every process prints such an error as one
+line, :func:`config_error`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Coroutine
+from enum import IntEnum, StrEnum
+from typing import Any, NamedTuple, TypeVar
+
+from .config import ConfigError
+
+__all__ = [
+    "ENV_INDEX",
+    "ENV_MANAGED",
+    "ENV_METRICS_DIR",
+    "ENV_STATUS_FD",
+    "METRICS_LISTENER",
+    "WS_LISTENER",
+    "Exit",
+    "Placement",
+    "Status",
+    "StatusWriter",
+    "cannot_listen",
+    "config_error",
+    "parse_statuses",
+    "run_loop",
+    "worker_command",
+    "worker_env",
+]
+
+ENV_INDEX = "RANGO_WORKER_INDEX"
+ENV_MANAGED = "RANGO_WORKER_MANAGED"
+ENV_STATUS_FD = "RANGO_STATUS_FD"
+ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name
+
+WORKER_MODULE = "workers.worker"
+
+# The settings named when a listener cannot be opened.
+WS_LISTENER = "RANGER_HOST/RANGER_PORT (or --ws-addr)"
+METRICS_LISTENER = "RANGO_METRICS_PORT"
+
+T = TypeVar("T")
+
+
+class Status(StrEnum):
+    """What a worker reports on its status pipe."""
+
+    LISTENING = "listening"  #: its websocket listener is open
+    CONSUMING = "consuming"  #: its RabbitMQ consumer receives events
+    DISCONNECTED = "disconnected"  #: it lost RabbitMQ and is reconnecting
+
+
+class Exit(IntEnum):
+    """Exit statuses of every Rango process."""
+
+    OK = 0
+    CONFIG = 2  #: a setting cannot be used: one line on stderr names it
+
+
+class Placement(NamedTuple):
+    """How a worker was started, read from its environment."""
+
+    index: str
+    managed: bool
+    status_fd: int
+    metrics_dir: str | None
+
+    @classmethod
+    def from_env(cls) -> Placement:
+        env = os.environ
+        try:
+            fd = int(env.get(ENV_STATUS_FD, "") or -1)
+        except ValueError:
+            fd = -1  # not a supervisor's value: nobody to report to
+        return cls(
+            env.get(ENV_INDEX, "0") or "0",
+            env.get(ENV_MANAGED) == "1",
+            fd,
+            env.get(ENV_METRICS_DIR) or None,
+        )
+
+
+def worker_command(argv: list[str]) -> list[str]:
+    """The command line of a worker with ``rango``'s own flags."""
+    return [sys.executable, "-m", WORKER_MODULE, *argv]
+
+
+def worker_env(index: int, status_fd: int, metrics_dir: str) -> dict[str, str]:
+    """The environment of worker ``index`` started by a supervisor."""
+    return {
+        **os.environ,
+        ENV_INDEX: str(index),
+        ENV_MANAGED: "1",
+        ENV_STATUS_FD: str(status_fd),
+        ENV_METRICS_DIR: metrics_dir,
+    }
+
+
+class StatusWriter:
+    """The worker's end of the status pipe (does nothing when there is none)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __call__(self, status: Status) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):  # the supervisor is gone: nothing to tell
+            os.write(self.fd, status.value.encode() + b"\n")
+
+
+def parse_statuses(data: bytes) -> list[str]:
+    """The words a worker wrote on its status pipe (unknown ones kept as they are)."""
+    return data.decode(errors="replace").split()
+
+
+def cannot_listen(setting: str, host: str, port: int, reason: OSError | str) -> ConfigError:
+    """The error for a listener that cannot be opened, naming the setting."""
+    if isinstance(reason, OSError):
+        # uvloop's strerror repeats the address: use errno's own text.
+        reason = os.strerror(reason.errno) if reason.errno else str(reason)
+    return ConfigError(f"{setting}: cannot listen on {host}:{port}: {reason}")
+
+
+def config_error(exc: ConfigError, prog: str = "rango") -> int:
+    """Print a configuration error as one line and return :attr:`Exit.CONFIG`."""
+    print(f"{prog}: {exc}", file=sys.stderr)
+    return Exit.CONFIG
+
+
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop (plain asyncio where uvloop is missing)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        import asyncio
+
+        return asyncio.run(main)
+    return uvloop.run(main)

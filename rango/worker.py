@@ -1,0 +1,177 @@
+"""A Rango worker: websocket listener, hub and RabbitMQ consumer on one event loop.
+
+Run through ``rango`` (which supervises N of them) or on its own with
+``python -m workers.worker [flags]`` under another supervisor such as
+supervisord. Several workers may share a port: each binds with
+``SO_REUSEPORT`` and consumes its own exclusive queue. What a supervisor tells
+a worker, and what the worker reports back, is :mod:`rango.contract`.
+
+Data flows one way: the consumer hands each delivery to :meth:`Worker.on_event`,
+which routes it through the hub (one frame built per event, pushed to every
+subscriber's queue); the server writes the queues at the end of the loop
+iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .amqp import Consumer, State
+from .config import Config, ConfigError
+from .contract import (
+    METRICS_LISTENER,
+    WS_LISTENER,
+    Exit,
+    Placement,
+    Status,
+    StatusWriter,
+    cannot_listen,
+    config_error,
+    run_loop,
+)
+from .hub import Drop, DropReason, Hub
+from .logs import RateLimited
+from .metrics import Metrics, serve_http, write_pid_file
+from .server import Server
+
+__all__ = ["DRAIN_TIMEOUT", "Worker", "main", "serve"]
+
+log = logging.getLogger("rango.worker")
+
+# Seconds clients get to answer the 1001 close frame when the worker stops.
+DRAIN_TIMEOUT = 5.0
+
+
+class Worker:
+    """One worker's parts, wired together: metrics, hub, server, consumer."""
+
+    def __init__(self, config: Config, placement: Placement) -> None:
+        self.config = config
+        self.name = placement.index
+        # Managed workers leave /metrics to their supervisor (or the exporter).
+        self.serves_metrics = not placement.managed
+        self.metrics_dir = placement.metrics_dir
+        self.status = StatusWriter(placement.status_fd)
+        self.metrics = Metrics(self.name)
+        self.hub = Hub(
+            config.rbac,
+            max_increments=config.max_increments,
+            max_subscriptions=config.max_subscriptions,
+            max_event_size=config.max_event_size,
+            observer=self.metrics,
+        )
+        self.server = Server(config, self.hub, self.metrics)
+        self.consumer = Consumer(config.amqp_url, config.exchange, self.on_event, self.on_state)
+        self._drops = RateLimited(log, interval=10.0)
+        self._http: asyncio.AbstractServer | None = None
+        self._syncer: asyncio.Task[None] | None = None
+
+    def on_event(self, routing_key: str | bytes, body: bytes) -> None:
+        """One delivery: route it, or count and log why it was dropped."""
+        try:
+            if routing_key.__class__ is not str:
+                # pika hands over a routing key that is not UTF-8 as bytes.
+                raise Drop(DropReason.BAD_ROUTING_KEY, repr(routing_key))
+            self.hub.route(routing_key, body)  # type: ignore[arg-type]  # str, checked above
+        except Drop as drop:
+            self._dropped(drop.reason, drop.detail)
+        except Exception:
+            # A bug must cost one event, never the AMQP connection (pika would
+            # close it, losing events in flight and every stored book).
+            self._dropped(DropReason.INTERNAL_ERROR, routing_key, exc_info=True)
+
+    def _dropped(self, reason: DropReason, detail: object, exc_info: bool = False) -> None:
+        self.metrics.dropped(reason.value)
+        level = logging.ERROR if reason is DropReason.INTERNAL_ERROR else logging.WARNING
+        self._drops.log(level, reason.value, "dropped event %.120r: %s", detail,
+                        reason.explanation, exc_info=exc_info)
+
+    def on_state(self, state: State) -> None:
+        self.metrics.amqp_connected(state is State.CONSUMING)
+        if state is State.DISCONNECTED:
+            # Events may be missed while away: a stored book would have a gap.
+            self.hub.reset_books()
+        self.status(Status.CONSUMING if state is State.CONSUMING else Status.DISCONNECTED)
+
+    async def start(self) -> None:
+        """Listen, report it, start consuming; raises ConfigError if a port is unusable."""
+        config = self.config
+        try:
+            await self.server.start()
+        except OSError as exc:
+            raise cannot_listen(WS_LISTENER, config.ws_host, config.ws_port, exc) from None
+        self.status(Status.LISTENING)
+        if self.metrics_dir and not self.serves_metrics:
+            write_pid_file(self.metrics_dir, self.name)
+        self.consumer.start()
+        if self.serves_metrics:
+            try:
+                self._http = await serve_http(
+                    config.metrics_host, config.metrics_port,
+                    ready=lambda: self.consumer.consuming,
+                )  # fmt: skip
+            except OSError as exc:
+                raise cannot_listen(
+                    METRICS_LISTENER, config.metrics_host, config.metrics_port, exc
+                ) from None
+        self._syncer = asyncio.create_task(self._sync_metrics())
+        log.info("worker %s listening on %s:%d", self.name, config.ws_host, config.ws_port)
+
+    async def _sync_metrics(self) -> None:
+        while True:
+            self.metrics.sync(self.hub)
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Drain the clients with 1001, delete the queue, write the last metrics."""
+        log.info("worker %s draining %d connections", self.name, len(self.server.connections))
+        await self.server.drain(DRAIN_TIMEOUT)
+        await self.consumer.stop()
+        if self._syncer is not None:
+            self._syncer.cancel()
+        self.metrics.sync(self.hub)
+        if self._http is not None:
+            self._http.close()
+        log.info("worker %s stopped", self.name)
+
+
+async def serve(config: Config, placement: Placement) -> None:
+    """Run one worker until SIGTERM or SIGINT, then drain and return."""
+    worker = Worker(config, placement)
+    await worker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m workers.worker``: the same flags as ``rango``."""
+    from .cli import config_from_args, parse_args
+    from .logs import setup_logging
+
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        return config_error(exc)
+    placement = Placement.from_env()
+    if placement.metrics_dir:
+        # prometheus-client writes there from the first metric on.
+        os.makedirs(placement.metrics_dir, exist_ok=True)
+    setup_logging(config.log_level_no, config.log_format, f"worker {placement.index}")
+    try:
+        run_loop(serve(config, placement))
+    except ConfigError as exc:
+        return config_error(exc)
+    return Exit.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
