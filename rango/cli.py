@@ -1,8 +1,8 @@
 """The ``rango`` command: run the gateway, or one of its developer tools.
 
 ``rango [flags]`` runs the gateway. ``rango keygen``, ``rango token``,
-``rango publish`` and ``rango listen`` are the developer tools (see
-:mod:`rango.tools`). Go Rango's single-dash flags (``-ws-addr``,
+``rango publish``, ``rango listen`` and ``rango demo`` are the developer tools
+(see :mod:`rango.tools`, a module each). Go Rango's single-dash flags (``-ws-addr``,
 ``-amqp-addr``, ``-pubKey``, ``-exchange``) are accepted as aliases.
 """
 
