@@ -27,6 +27,7 @@ from pika.adapters.utils.connection_workflow import (
 )
 from pika.channel import Channel
 from pika.exchange_type import ExchangeType
+from pika.spec import Basic
 
 __all__ = ["Consumer", "State", "queue_name"]
 
@@ -180,8 +181,10 @@ class Consumer:
             ),
         )
 
-    def _on_message(self, _channel: Channel, method: object, _props: object, body: bytes) -> None:
-        self.on_event(method.routing_key, body)  # type: ignore[attr-defined]
+    def _on_message(
+        self, _channel: Channel, method: Basic.Deliver, _props: object, body: bytes
+    ) -> None:
+        self.on_event(method.routing_key, body)
 
     def _on_cancelled(self, _frame: object) -> None:
         """The broker cancelled the consumer (its queue was deleted): start over now."""

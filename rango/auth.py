@@ -9,7 +9,7 @@ other algorithm (``none`` and HMAC-with-the-public-key included) is refused.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -17,12 +17,18 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from .config import Config, ConfigError
 
+if TYPE_CHECKING:
+    from jwt.types import Options
+
 __all__ = ["ANONYMOUS", "Auth", "AuthError", "Authenticator", "bearer_token"]
 
 # Tokens longer than this are refused before any parsing: a real session JWT is
 # under 2 KB, and decoding a hostile megabyte costs CPU for nothing.
 MAX_TOKEN_LENGTH = 8192
 
+_VERIFYING_KEYS = (
+    rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey, ed448.Ed448PublicKey,
+)
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "RS": (rsa.RSAPublicKey,),
     "PS": (rsa.RSAPublicKey,),
@@ -62,12 +68,15 @@ class Authenticator:
 
     def __init__(self, config: Config) -> None:
         self.algorithm = config.jwt_algorithm
-        self.key = load_pem_public_key(config.jwt_public_key)
-        if not isinstance(self.key, _KEY_TYPES[self.algorithm[:2]]):
+        key = load_pem_public_key(config.jwt_public_key)
+        if not isinstance(key, _KEY_TYPES[self.algorithm[:2]]):
             raise ConfigError(
                 f"JWT_ALGORITHM: {self.algorithm} cannot be verified with the "
-                f"configured public key ({type(self.key).__name__})"
+                f"configured public key ({type(key).__name__})"
             )
+        # Checked just above against the algorithm's own key types.
+        assert isinstance(key, _VERIFYING_KEYS)
+        self.key = key
         try:  # e.g. ES256 with a P-384 key: PyJWT would fail every token at runtime
             jwt.get_algorithm_by_name(self.algorithm).prepare_key(self.key)
         except jwt.InvalidKeyError as exc:
@@ -81,7 +90,7 @@ class Authenticator:
         self.exp_leeway = leeway if config.jwt_exp_leeway is None else config.jwt_exp_leeway
         self.nbf_leeway = leeway if config.jwt_nbf_leeway is None else config.jwt_nbf_leeway
         self.iat_leeway = leeway if config.jwt_iat_leeway is None else config.jwt_iat_leeway
-        self._options = {
+        self._options: Options = {
             "verify_signature": True,
             "verify_exp": False,  # checked below with the per-claim leeways
             "verify_nbf": False,
@@ -100,7 +109,7 @@ class Authenticator:
                 token,
                 self.key,
                 algorithms=[self.algorithm],
-                options=self._options,  # type: ignore[arg-type]
+                options=self._options,
                 issuer=self.issuer,
                 audience=self.audience,
             )
@@ -127,7 +136,7 @@ class Authenticator:
         role = claims.get("role")
         return Auth(uid, role if isinstance(role, str) else "")
 
-    def _check_times(self, claims: dict) -> None:
+    def _check_times(self, claims: dict[str, Any]) -> None:
         now = time.time()
         exp, nbf, iat = _number(claims, "exp"), _number(claims, "nbf"), _number(claims, "iat")
         if exp is not None and now >= exp + self.exp_leeway:
@@ -138,7 +147,7 @@ class Authenticator:
             raise AuthError("token issued in the future")
 
 
-def _number(claims: dict, claim: str) -> float | None:
+def _number(claims: dict[str, Any], claim: str) -> float | None:
     value = claims.get(claim)
     if value is None:
         return None

@@ -40,9 +40,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar, cast
 
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -82,7 +82,10 @@ class Events(Protocol):
     def slow_client(self) -> None: ...
 
 
-class Gateway:
+ConnT = TypeVar("ConnT", bound="Connection")
+
+
+class Gateway(Generic[ConnT]):
     """What the connections of one worker share: settings, hub, policy, and the outbox.
 
     The outbox is two lists the I/O side empties: :attr:`dirty`, connections
@@ -105,9 +108,9 @@ class Gateway:
         self.events = events
         self.admission = admission or Admission(config)
         self.clock = clock
-        self.connections: set[Connection] = set()  # kept by the I/O side
-        self.dirty: list[Connection] = []
-        self.ends: list[Connection] = []
+        self.connections: set[ConnT] = set()  # kept by the I/O side
+        self.dirty: list[ConnT] = []
+        self.ends: list[ConnT] = []
         self.flush_scheduled = False
         self.draining = False
         # One float object for every connection's full bucket, not one each.
@@ -118,7 +121,7 @@ class Gateway:
     def schedule_flush(self) -> None:
         self.flush_scheduled = True
 
-    def closing(self, reason: str, conn: Connection) -> None:
+    def closing(self, reason: str, conn: ConnT) -> None:
         """Count and log a connection the server closes for ``reason``."""
         self.events.closed(reason)
         self._limited.log(
@@ -147,7 +150,7 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway[Any]) -> None:
         self.gateway = gateway
         # websockets' protocol, when the connection needs one (see _protocol).
         self.ws: ServerProtocol | None = None
@@ -276,9 +279,10 @@ class Connection:
             if not gateway.flush_scheduled:
                 gateway.schedule_flush()
         elif pending.__class__ is list:
-            pending.append(frame)  # type: ignore[union-attr]  # the class check narrows it
+            pending.append(frame)
         else:
-            self.pending = [pending, frame]  # type: ignore[list-item]  # pending is bytes here
+            # The class checks above keep the hot path cheap; mypy does not follow them.
+            self.pending = [pending, frame]  # type: ignore[list-item]
 
     def send(self, frame: bytes) -> None:
         """Queue an answer of this connection's own, after the events already routed."""
@@ -290,7 +294,7 @@ class Connection:
         pending, self.pending = self.pending, None
         if pending is None:
             return b""
-        return pending if pending.__class__ is bytes else b"".join(pending)
+        return pending if isinstance(pending, bytes) else b"".join(pending)
 
     def close(self, code: int = CloseCode.GOING_AWAY, reason: str = "", fail: bool = False) -> None:
         """Start the closing handshake after what is queued; no-op if not open.
@@ -466,7 +470,9 @@ class Connection:
             if isinstance(event, Request):
                 self._handshake(event)
             else:
-                self._frame(event.opcode, event.data, event.fin)
+                # A ServerProtocol yields the Request, then Frames of bytes.
+                frame = cast(Frame, event)
+                self._frame(frame.opcode, cast(bytes, frame.data), frame.fin)
         self._send_protocol_data()
         if ws.state is _OPEN:
             # Any frame proves the peer alive (before the upgrade, the

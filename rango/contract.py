@@ -82,7 +82,7 @@ class Exit(IntEnum):
 class Placement(NamedTuple):
     """How a worker was started, read from its environment."""
 
-    index: str
+    label: str  #: the worker's index, as its metrics label
     managed: bool
     status_fd: int
     metrics_dir: str | None

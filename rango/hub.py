@@ -204,6 +204,7 @@ class Hub:
 
     def _remove(self, client: Subscriber, stream: str) -> None:
         kind = stream_kind(stream)
+        assert kind is not None  # only streams of a kind are ever subscribed
         if kind is Kind.PRIVATE:
             uid = client.auth.uid
             topics = self.private[uid]
@@ -214,7 +215,7 @@ class Hub:
             _discard(self.public, stream, client)
         else:
             _discard(self.prefixed, stream, client)
-        self._count(kind, stream, -1)  # type: ignore[arg-type]
+        self._count(kind, stream, -1)
 
     def subscription_counts(self) -> dict[tuple[str, str], int]:
         """Subscriptions now by ``(type, topic)``; topics with none are absent."""

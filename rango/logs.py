@@ -33,7 +33,7 @@ def setup_logging(level: int, fmt: str = "text", name: str = "") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = time.gmtime  # type: ignore[assignment]
+        formatter.converter = time.gmtime
     else:
         tag = f"[{name}] " if name else ""
         formatter = logging.Formatter(

@@ -33,6 +33,8 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from .config import Config, ConfigError
 from .contract import (
@@ -342,8 +344,8 @@ class Supervisor:
     def _all(self) -> list[Worker]:
         return [*self.workers.values(), *self.retired]
 
-    def _track(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -51,7 +51,7 @@ class Worker:
 
     def __init__(self, config: Config, placement: Placement) -> None:
         self.config = config
-        self.name = placement.index
+        self.name = placement.label
         # Managed workers leave /metrics to their supervisor (or the exporter).
         self.serves_metrics = not placement.managed
         self.metrics_dir = placement.metrics_dir
@@ -76,7 +76,7 @@ class Worker:
             if routing_key.__class__ is not str:
                 # pika hands over a routing key that is not UTF-8 as bytes.
                 raise Drop(DropReason.BAD_ROUTING_KEY, repr(routing_key))
-            self.hub.route(routing_key, body)  # type: ignore[arg-type]  # str, checked above
+            self.hub.route(routing_key, body)
         except Drop as drop:
             self._dropped(drop.reason, drop.detail)
         except Exception:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if placement.metrics_dir:
         # prometheus-client writes there from the first metric on.
         os.makedirs(placement.metrics_dir, exist_ok=True)
-    setup_logging(config.log_level_no, config.log_format, f"worker {placement.index}")
+    setup_logging(config.log_level_no, config.log_format, f"worker {placement.label}")
     try:
         run_loop(serve(config, placement))
     except ConfigError as exc:
