@@ -18,10 +18,8 @@ from ..config import DEFAULT_EXCHANGE, ConfigError, amqp_url_from_env, exchange_
 from ._common import FAILED, ToolError
 
 if TYPE_CHECKING:
-    # pika has no type hints (no py.typed, no stubs installed): BlockingChannel is Any.
-    from pika.adapters.blocking_connection import (  # type: ignore[import-untyped]
-        BlockingChannel,
-    )
+    # pika has no type hints (pyproject's mypy section): BlockingChannel is Any.
+    from pika.adapters.blocking_connection import BlockingChannel
 
 
 class Event(NamedTuple):
@@ -70,8 +68,8 @@ def amqp_channel(url: str, exchange: str) -> Iterator[BlockingChannel]:
 
     pika errors, on connecting or later, become a :class:`ToolError`.
     """
-    import pika  # type: ignore[import-untyped]  # no type hints, as above
-    import pika.exceptions  # type: ignore[import-untyped]  # no type hints, as above
+    import pika
+    import pika.exceptions
 
     try:
         parameters = pika.URLParameters(url)
