@@ -2,7 +2,7 @@
 unreachable for 30 s. Clients stay connected throughout and delivery resumes within 3 s.
 
 The real broker is never stopped (others share it): it is made unreachable through
-:class:`faults.TcpProxy`. Covered in test_failures_broker.py, not repeated here: the
+:class:`support.broker.TcpProxy`. Covered in test_broker_outage.py, not repeated here: the
 connection closed by the broker (test_connection_closed_by_broker), the broker
 unreachable at start (test_broker_down_at_start), a connection cut for a few seconds
 (test_connection_cut_mid_run).
@@ -10,71 +10,37 @@ unreachable at start (test_broker_down_at_start), a connection cut for a few sec
 
 from __future__ import annotations
 
-import subprocess
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from conftest import recv_json, unique
-from faults import TcpProxy, amqp_connections_of, queues_of, ready_status, worker_pids
-from proctools import cpu_seconds
-from test_failures_broker import (
-    BROKER,
+from support.answers import assert_alive, expect, subscribed
+from support.broker import Publisher, amqp_connections_of, queues_of, rabbitmqctl, unique
+from support.gateway import Rango
+from support.outage import (
+    OUTAGE,
+    RESUME,
     amqp_problems,
     check_recovered,
+    first_marker_after,
     open_book,
     proxied,
-    wait_logged,
+    sit_out_outage,
 )
-from websockets.sync.client import ClientConnection
-from wsutil import assert_alive, expect, subscribed
-
-# Delivery resumes this soon after the broker (or the exchange) is back.
-RESUME = 3.0
-OUTAGE = 30.0
+from support.procfs import cpu_seconds
 
 
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    p = TcpProxy(BROKER)
-    yield p
-    p.close()
-
-
-def first_marker_after(publisher: Any, ws: ClientConnection, stream: str, since: float) -> float:
-    """Publish a numbered marker every 100 ms until ``ws`` receives one; return the
-    seconds from ``since`` to then. The markers still in flight are read too: in
-    order, none twice."""
-    n = 0
-    due = time.monotonic()
-    while True:
-        if time.monotonic() >= due:
-            publisher.publish(f"public.{stream}", {"marker": n})
-            n += 1
-            due += 0.1
-        try:
-            frame = recv_json(ws, timeout=max(0.005, due - time.monotonic()))
-        except TimeoutError:
-            assert time.monotonic() - since < RESUME + 10, "delivery did not resume"
-            continue
-        took = time.monotonic() - since
-        break
-    assert list(frame) == [stream] and "marker" in frame[stream], frame
-    last = frame[stream]["marker"]
-    publisher.publish(f"public.{stream}", {"sentinel": True})
-    while (frame := recv_json(ws)) != {stream: {"sentinel": True}}:
-        assert frame[stream]["marker"] > last, frame
-        last = frame[stream]["marker"]
-    return took
+def one_worker(rango_factory: Any, publisher_factory: Any) -> tuple[Rango, int, Publisher, str]:
+    """A gateway with one worker, that worker's pid, a publisher to its exchange, and a
+    stream of the test's own."""
+    rango = rango_factory()
+    [worker] = rango.worker_pids()
+    return rango, worker, publisher_factory(rango.exchange), f"{unique()}.trades"
 
 
 def test_exchange_deleted_while_running(rango_factory, publisher_factory):
-    rango = rango_factory()
-    [worker] = worker_pids(rango.pid)
-    publisher = publisher_factory(rango.exchange)
-    stream = f"{unique()}.trades"
+    rango, worker, publisher, stream = one_worker(rango_factory, publisher_factory)
     with rango.connect(query=f"stream={stream}") as ws:
         expect(ws, subscribed([stream]))
         publisher.publish(f"public.{stream}", {"before": True})
@@ -87,45 +53,27 @@ def test_exchange_deleted_while_running(rango_factory, publisher_factory):
         assert took <= RESUME, f"delivery resumed {took:.2f} s after the exchange was back"
     # Bound again on the same connection: no reconnect, no reset of the books.
     assert amqp_connections_of(worker) == connections
-    assert ready_status(rango) == 200
+    assert rango.ready_status() == 200
     assert not amqp_problems(rango.log()), rango.log()
 
 
 def test_queue_deleted_by_an_operator(rango_factory, publisher_factory):
-    rango = rango_factory()
-    [worker] = worker_pids(rango.pid)
-    publisher = publisher_factory(rango.exchange)
-    stream = f"{unique()}.trades"
+    rango, worker, publisher, stream = one_worker(rango_factory, publisher_factory)
     with rango.connect(query=f"stream={stream}") as ws:
         expect(ws, subscribed([stream]))
         [queue] = queues_of(worker)[worker]
-        subprocess.run(
-            ["rabbitmqctl", "delete_queue", queue], capture_output=True, timeout=30, check=True
-        )
+        rabbitmqctl("delete_queue", queue)
         took = first_marker_after(publisher, ws, stream, time.monotonic())
         assert took <= RESUME, f"delivery resumed {took:.2f} s after the queue was deleted"
         assert_alive(ws)
     assert queues_of(worker)[worker] == [queue], "the worker did not declare its queue again"
-    assert worker_pids(rango.pid) == [worker]
+    assert rango.worker_pids() == [worker]
 
 
 @pytest.mark.slow
-def sit_out_outage(rango: Any, worker: int, clients: list[ClientConnection]) -> None:
-    """Wait OUTAGE seconds with the broker away, checking all the while that clients stay
-    connected and served, /ready answers 503, and the worker neither exits nor is replaced."""
-    wait_logged(rango, lambda: ready_status(rango) == 503, 10, "/ready answering 503")
-    back_at = time.monotonic() + OUTAGE
-    while (left := back_at - time.monotonic()) > 0:
-        for ws in clients:
-            assert_alive(ws)
-        assert ready_status(rango) == 503
-        assert worker_pids(rango.pid) == [worker], rango.log()
-        time.sleep(min(1.0, left))  # the outage itself: nothing to wait for
-
-
 def test_broker_unreachable_for_30_seconds(rango_factory, publisher_factory, proxy):
     rango = rango_factory(args=proxied(proxy))
-    [worker] = worker_pids(rango.pid)
+    [worker] = rango.worker_pids()
     publisher = publisher_factory(rango.exchange)  # straight to the broker, not proxied
     market = unique()
     with ExitStack() as stack:
@@ -145,5 +93,5 @@ def test_broker_unreachable_for_30_seconds(rango_factory, publisher_factory, pro
         assert took <= RESUME, f"delivery resumed {took:.2f} s after the broker was back"
         # The stored book went with the outage: no stale snapshot, the next one goes out.
         check_recovered(rango, publisher, market, trades, book)
-    assert worker_pids(rango.pid) == [worker]
+    assert rango.worker_pids() == [worker]
     assert "exited" not in rango.log() and "Traceback" not in rango.log(), rango.log()

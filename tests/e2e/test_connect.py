@@ -2,55 +2,25 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
 
 import jwt
 import orjson
 import pytest
-from conftest import UID, KeyPair, Publisher, recv_json, unique
-from websockets.exceptions import InvalidStatus
-from wsutil import expect, subscribed
+from support.answers import expect, recv_json, refused, subscribed
+from support.broker import Publisher, unique
+from support.gateway import Rango
+from support.tokens import UID, KeyPair, forge
 
 # Helpers
-
-
-def refused(rango: Any, path: str, headers: dict[str, str] | None = None, **kwargs: Any) -> int:
-    """Connect and return the HTTP status of the refused upgrade."""
-    with pytest.raises(InvalidStatus) as info:
-        rango.connect(path, additional_headers=headers or {}, **kwargs).close()
-    return info.value.response.status_code
-
-
-def _b64(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
-
-
-def forge(header: dict[str, Any], payload: dict[str, Any], secret: bytes | None) -> str:
-    """A JWT built by hand: HMAC-SHA256 with ``secret``, or unsigned when None."""
-    signing_input = _b64(orjson.dumps(header)) + b"." + _b64(orjson.dumps(payload))
-    signature = hmac.new(secret, signing_input, hashlib.sha256).digest() if secret else b""
-    return (signing_input + b"." + _b64(signature)).decode()
-
-
-def claims(keys: KeyPair, **kwargs: Any) -> dict[str, Any]:
-    return jwt.decode(keys.token(**kwargs), options={"verify_signature": False})
-
-
-@pytest.fixture(scope="module")
-def other_keys(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
-    """A key pair the gateway does not trust."""
-    return KeyPair(tmp_path_factory.mktemp("other-keys"))
 
 
 def bad_token(keys: KeyPair, other_keys: KeyPair, uid: str, name: str) -> str:
     """An Authorization header, by name, that must not authenticate ``uid``."""
     now = int(time.time())
-    payload = claims(keys, uid=uid)
+    payload = keys.claims(uid=uid)
     make = {
         "garbage": lambda: "Bearer not-a-token",
         "other key": lambda: f"Bearer {other_keys.token(uid=uid)}",
@@ -195,16 +165,13 @@ def test_origin_default_other_host_is_403_on_private_with_valid_token(rango, key
 
 
 @pytest.fixture(scope="module")
-def cors_rango(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from conftest import Rango
-
-    instance = Rango(
+def cors_rango(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
+    with Rango(
         keys,
         tmp_path_factory.mktemp("cors"),
         env={"API_CORS_ORIGINS": "https://app.example.com, trader.example.org:8443"},
-    ).start()
-    yield instance
-    instance.stop()
+    ) as instance:
+        yield instance
 
 
 @pytest.mark.parametrize(

@@ -10,16 +10,20 @@ only where nothing else uses it: in CI (``CI`` set, tests run one at a time) or 
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from contextlib import ExitStack
 
 import pytest
-from conftest import unique
-from faults import worker_pids
-from proctools import cpu_seconds
-from test_broker_faults import RESUME, first_marker_after, sit_out_outage
-from test_failures_broker import amqp_problems, check_recovered, open_book
+from support.broker import rabbitmqctl, unique
+from support.outage import (
+    RESUME,
+    amqp_problems,
+    check_recovered,
+    first_marker_after,
+    open_book,
+    sit_out_outage,
+)
+from support.procfs import cpu_seconds
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,24 +34,20 @@ pytestmark = [
 ]
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
-
-
 def test_rabbitmq_stopped_for_30_seconds_and_started_again(rango_factory, publisher_factory):
     rango = rango_factory()
-    [worker] = worker_pids(rango.pid)
+    [worker] = rango.worker_pids()
     market = unique()
     with ExitStack() as stack:
         trades, book = open_book(stack, rango, publisher_factory(rango.exchange), market)
         offset = len(rango.log())
         cpu = cpu_seconds(worker)
-        rabbitmqctl("stop_app")
+        rabbitmqctl("stop_app", timeout=120)
         try:
             sit_out_outage(rango, worker, [trades, book])
         finally:
-            rabbitmqctl("start_app")
-            rabbitmqctl("await_startup")
+            rabbitmqctl("start_app", timeout=120)
+            rabbitmqctl("await_startup", timeout=120)
         back = time.monotonic()
         used = cpu_seconds(worker) - cpu
         assert used < 1.0, f"the worker used {used:.2f} s of CPU while the broker was away"
@@ -59,5 +59,5 @@ def test_rabbitmq_stopped_for_30_seconds_and_started_again(rango_factory, publis
         problems = amqp_problems(rango.log()[offset:])
         assert len(problems) == 2, rango.log()[offset:]
         assert " ERROR " in problems[0] and "back" in problems[1], problems
-    assert worker_pids(rango.pid) == [worker]
+    assert rango.worker_pids() == [worker]
     assert "Traceback" not in rango.log(), rango.log()

@@ -1,7 +1,7 @@
 """Misbehaving clients and shutdown: slow readers, oversized frames, silent peers
 (keepalive, handshake timeout), and SIGTERM with clients connected.
 
-Raw sockets (:class:`faults.RawClient`) stand in for clients a websocket library
+Raw sockets (:class:`support.wire.RawClient`) stand in for clients a websocket library
 would not let us write: one that never reads, never answers a ping, or never
 sends its upgrade request.
 """
@@ -18,20 +18,11 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from conftest import recv_json, unique, wait_for
-from faults import OP_CLOSE, OP_PING, OP_TEXT, RawClient, queues_of, worker_pids
+from support.answers import recv_json, subscribed
+from support.broker import queues_of, unique
+from support.polling import wait_logged
+from support.wire import OP_CLOSE, OP_PING, OP_TEXT, RawClient
 from websockets.exceptions import ConnectionClosed
-
-
-def subscribed(streams: list[str]) -> dict[str, Any]:
-    return {"success": {"message": "subscribed", "streams": streams}}
-
-
-def wait_logged(rango: Any, predicate: Any, timeout: float, what: str) -> Any:
-    try:
-        return wait_for(predicate, timeout, what)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n--- rango log ---\n{rango.log()}") from None
 
 
 def close_code(ws: Any, timeout: float = 5.0) -> int | None:
@@ -60,8 +51,8 @@ def test_slow_client_is_dropped_others_lose_nothing(rango_factory, publisher_fac
     stream = f"{market}.trades"
     dropped_before = rango.metrics().get("rango_slow_clients_dropped_total", 0.0)
 
-    slow = RawClient(rango.port, rcvbuf=4096)
-    slow.handshake(query=f"stream={stream}")  # ... and it never reads again
+    slow = RawClient(rango.port, f"/public?stream={stream}", rcvbuf=4096).upgraded()
+    # ... and it never reads again
     with rango.connect(query=f"stream={stream}") as ws:
         assert recv_json(ws) == subscribed([stream])
         received: list[Any] = []
@@ -99,7 +90,7 @@ def test_slow_client_is_dropped_others_lose_nothing(rango_factory, publisher_fac
 
         # The slow client's socket is closed by the server (EOF or reset).
         assert slow.read_until_closed(5), "the slow client is still connected"
-        slow.close()
+        slow.close(reset=True)
         assert rango.metrics()["rango_slow_clients_dropped_total"] == dropped_before + 1
         still_served(rango, publisher, market, ws)
     with rango.connect(query=f"stream={stream}") as again:
@@ -159,15 +150,16 @@ def test_keepalive_closes_a_client_that_does_not_answer(rango_factory, publisher
 
     with rango.connect(query=f"stream={market}.trades", logger=client_log) as ws:
         assert recv_json(ws) == subscribed([f"{market}.trades"])
-        raw = RawClient(rango.port)
-        raw.handshake(query=f"stream={market}.trades")
+        raw = RawClient(rango.port, f"/public?stream={market}.trades").upgraded()
         started = time.monotonic()
         opcodes: list[int | None] = []
         while not opcodes or opcodes[-1] not in (OP_CLOSE, None):
             assert time.monotonic() - started < 5, f"not closed; frames: {opcodes}"
-            frame = raw.read_frame(timeout=5)
-            opcodes.append(None if frame is None else frame[0])
-        raw.close()
+            try:
+                opcodes.append(raw.recv_frame(timeout=5)[1])
+            except (EOFError, ConnectionResetError):
+                opcodes.append(None)
+        raw.close(reset=True)
         assert OP_PING in opcodes, opcodes
         assert opcodes.index(OP_PING) < len(opcodes) - 1, opcodes  # pinged, then closed
         assert set(opcodes[:-1]) <= {OP_TEXT, OP_PING}, opcodes
@@ -231,7 +223,7 @@ def _connect_clients(stack: ExitStack, rango: Any, market: str, count: int) -> l
 
 def test_sigterm_closes_clients_with_1001_and_deletes_queues(rango_factory):
     rango = rango_factory(args=["--workers", "2"])
-    workers = worker_pids(rango.pid)
+    workers = rango.worker_pids()
     assert len(workers) == 2, workers
     before = queues_of(*workers)
     assert all(len(names) == 1 for names in before.values()), before
@@ -251,7 +243,7 @@ def test_sigterm_to_one_worker(rango_factory, publisher_factory):
     """A worker stopped alone (e.g. by an orchestrator) drains the same way; the
     supervisor replaces it."""
     rango = rango_factory(args=["--workers", "1"])
-    [worker] = worker_pids(rango.pid)
+    [worker] = rango.worker_pids()
     assert len(queues_of(worker)[worker]) == 1
     market = unique()
     with ExitStack() as stack:
@@ -266,7 +258,7 @@ def test_sigterm_to_one_worker(rango_factory, publisher_factory):
         "the worker exiting with status 0",
     )
     assert queues_of(worker)[worker] == [], "the stopped worker left its queue behind"
-    wait_logged(rango, lambda: worker_pids(rango.pid) not in ([], [worker]), 10, "a new worker")
+    wait_logged(rango, lambda: rango.worker_pids() not in ([], [worker]), 10, "a new worker")
     rango.wait_ready()
     publisher = publisher_factory(rango.exchange)
     with rango.connect(query=f"stream={market}.trades") as ws:

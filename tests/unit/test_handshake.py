@@ -2,61 +2,27 @@
 
 The fast path may only ever accept what websockets accepts, with the same answer;
 anything else it hands to websockets. The unit tests and the Hypothesis
-differential test check that in-process; the end-to-end tests check that a real
-server answers odd requests exactly as websockets' own protocol would.
+differential test check that in-process; e2e/test_handshake_answers.py checks that a
+real server answers odd requests exactly as websockets' own protocol would.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import socket
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.wire import BASE_HEADERS as BASE
+from support.wire import RFC_KEY as KEY
+from support.wire import request_head as head
+from support.wire import websockets_answer
 from websockets.client import ClientProtocol
-from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
 
 from rango import handshake
-from rango.protocol import success, text_frame
-
-KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's example
-
-
-def head(*lines: str, target: str = "/public", first: str | None = None) -> bytes:
-    """A request head without its final blank line (what handshake.parse takes)."""
-    request_line = first if first is not None else f"GET {target} HTTP/1.1"
-    return "\r\n".join((request_line, *lines)).encode("latin-1")
-
-
-BASE = (
-    "Host: example.com",
-    "Upgrade: websocket",
-    "Connection: Upgrade",
-    f"Sec-WebSocket-Key: {KEY}",
-    "Sec-WebSocket-Version: 13",
-)
-
-
-def websockets_answer(request_head: bytes) -> tuple[Request | None, int, dict[str, str]]:
-    """What websockets' own server protocol makes of the same bytes.
-
-    Returns the parsed request (None if it could not parse one), the status it
-    answers and the answer's headers.
-    """
-    ws = ServerProtocol()
-    ws.receive_data(request_head + b"\r\n\r\n")
-    requests = [e for e in ws.events_received() if isinstance(e, Request)]
-    if requests:
-        response = ws.accept(requests[0])
-    else:  # websockets answered a request it could not parse by itself
-        data = b"".join(ws.data_to_send())
-        return None, int(data.split(b" ", 2)[1]) if data else 0, {}
-    return requests[0], response.status_code, dict(response.headers.raw_items())
-
 
 # Accepted: the shapes real clients send.
 
@@ -240,69 +206,3 @@ def test_fast_path_accepts_only_what_websockets_accepts(raw):
     for name, value in (("Authorization", upgrade.authorization), ("Origin", upgrade.origin),
                         ("Host", upgrade.host)):
         assert request.headers.get_all(name) == ([] if value is None else [value])
-
-
-# End to end: a real server answers odd requests as websockets' protocol would.
-
-
-SUBSCRIBED = text_frame(success("subscribed", []))
-
-
-def exchange(port: int, data: bytes, until: bytes = SUBSCRIBED) -> bytes:
-    """Send ``data``; return the answer up to ``until``, or until the server closes."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(data)
-        answer = b""
-        while not answer.endswith(until):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        return answer
-
-
-@pytest.mark.parametrize(
-    "lines",
-    [
-        (*BASE, "Sec-WebSocket-Protocol: chat"),
-        (*BASE, "Content-Length: 0"),
-        (*BASE, "Content-Length: 5"),
-        (*BASE, "Transfer-Encoding: chunked"),
-        (*BASE, f"Sec-WebSocket-Key: {KEY}"),
-        BASE[:1] + BASE[2:],
-        (*BASE[:2], "Connection: keep-alive", *BASE[3:]),
-        (*BASE[:4], "Sec-WebSocket-Version: 8"),
-        (*BASE[:3], "Sec-WebSocket-Key: short", *BASE[4:]),
-        (*BASE, "Bad Name: x"),
-    ],
-    ids=["subprotocol", "content-length-0", "content-length-5", "chunked", "two-keys",
-         "no-upgrade", "no-connection-upgrade", "version-8", "bad-key", "bad-header"],
-)
-def test_unusual_requests_get_websockets_own_answer(rango, lines):
-    raw = head(*lines)
-    assert handshake.parse(raw) is None  # this really is the other path
-    _, expected, expected_headers = websockets_answer(raw)
-    answer = exchange(rango.port, raw + b"\r\n\r\n")
-    if expected == 0:  # websockets closes on a request it cannot parse, without answering
-        assert answer == b""
-        return
-    assert answer.startswith(f"HTTP/1.1 {expected} ".encode()), (expected, answer[:200])
-    if expected == 101:
-        accept = expected_headers["Sec-WebSocket-Accept"]
-        assert f"\r\nSec-WebSocket-Accept: {accept}\r\n".encode() in answer
-        assert b"Sec-WebSocket-Protocol" not in answer
-        # The connection then works like any other: the subscribed answer follows.
-        assert answer.endswith(b"\r\n\r\n" + SUBSCRIBED)
-    else:
-        assert SUBSCRIBED not in answer
-
-
-def test_fast_path_answer_is_followed_by_the_subscribed_frame(rango):
-    raw = head(*BASE, target="/public?stream=a.b")
-    assert handshake.parse(raw) is not None
-    expected = text_frame(success("subscribed", ["a.b"]))
-    answer = exchange(rango.port, raw + b"\r\n\r\n", until=expected)
-    status, _, rest = answer.partition(b"\r\n")
-    assert status == b"HTTP/1.1 101 Switching Protocols"
-    assert b"\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n" in answer
-    assert rest.endswith(b"\r\n\r\n" + expected)

@@ -1,6 +1,7 @@
 """End-to-end smoke: one event from RabbitMQ reaches a subscribed websocket client."""
 
-from conftest import recv_json, unique
+from support.answers import recv_json
+from support.broker import unique
 
 
 def test_public_event_reaches_subscriber(rango, publisher):

@@ -7,15 +7,15 @@ abuse, in order, and the worker neither dies nor keeps the memory the abuse cost
 
 Covered elsewhere, not repeated here:
 
-* binary frames: test_frames.py::test_binary_frame_answers_error;
-* fragmented messages: test_frames.py::test_fragmented_ping, test_fragmented_subscribe,
+* binary frames: e2e/test_frames.py::test_binary_frame_answers_error;
+* fragmented messages: e2e/test_frames.py::test_fragmented_ping, test_fragmented_subscribe,
   test_fragmented_bad_request_is_an_error, test_fragments_interleaved_with_control_frames,
   test_fragmented_message_over_limit_closes_1009;
-* ``streams`` of wrong types or nested: test_frames.py::test_bad_request_answers_error_and_
+* ``streams`` of wrong types or nested: e2e/test_frames.py::test_bad_request_answers_error_and_
   connection_stays_open (null, string, object, number, nested list);
-* oversized frames: test_frames.py::test_frame_over_default_limit_closes_1009,
-  test_failures_clients.py::test_oversized_frame_closes_with_1009;
-* handshake timeout (also trickled), slow client, keepalive: test_failures_clients.py.
+* oversized frames: e2e/test_frames.py::test_frame_over_default_limit_closes_1009,
+  e2e/test_clients_faults.py::test_oversized_frame_closes_with_1009;
+* handshake timeout (also trickled), slow client, keepalive: e2e/test_clients_faults.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import struct
 import threading
 import time
@@ -33,30 +32,40 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import KeyPair, Publisher, Rango, recv_json, unique, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from proctools import Client, rss_bytes, wait_counts
-from test_connect import refused
-from websockets.asyncio.client import connect as async_connect
-from websockets.exceptions import InvalidStatus
-from wsutil import (
-    RawClient,
+from support.answers import (
+    answered_with_an_error,
     assert_alive,
-    counter,
     expect,
     expect_error,
+    recv_json,
+    refused,
     request,
-    sample,
-    samples,
     subscribe,
     subscribed,
     unsubscribed,
-    upgrade_status,
-    wait_counter,
 )
+from support.broker import Publisher, unique
+from support.crowd import Client, open_client, wait_counts
+from support.gateway import Rango
+from support.metrics import counter, sample, samples, wait_counter
+from support.polling import wait_for
+from support.procfs import rss_bytes
+from support.tokens import KeyPair
+from support.wire import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    RawClient,
+    half_handshake,
+    upgrade_status,
+)
+from websockets.exceptions import InvalidStatus
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 MAX_FRAME = 4096  # RANGO_MAX_FRAME_SIZE's default
 MB = 1024 * 1024
 # How much a worker's resident memory may keep after the abuse is over (GC and
@@ -69,32 +78,26 @@ FAST = {"RANGO_RATE_LIMIT": "1000000", "RANGO_RATE_BURST": "1000000"}
 # Gateways and helpers
 
 
-def _start(keys: KeyPair, factory: pytest.TempPathFactory, name: str, env: dict[str, str]) -> Any:
-    return Rango(keys, factory.mktemp(name), env=env).start()
-
-
 @pytest.fixture(scope="module")
 def gw(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
     """One worker, default limits except the rate limit."""
-    instance = _start(keys, tmp_path_factory, "hostile", FAST)
-    yield instance
-    instance.stop()
+    with Rango(keys, tmp_path_factory.mktemp("hostile"), env=FAST) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
 def limited(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
     """One worker with every default: 20 frames/s, burst 100, 1024 subscriptions."""
-    instance = _start(keys, tmp_path_factory, "limited", {})
-    yield instance
-    instance.stop()
+    with Rango(keys, tmp_path_factory.mktemp("limited")) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
 def roomy(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
     """One worker taking client frames up to 1 MB, so the other limits are reached first."""
-    instance = _start(keys, tmp_path_factory, "roomy", {**FAST, "RANGO_MAX_FRAME_SIZE": str(MB)})
-    yield instance
-    instance.stop()
+    env = {**FAST, "RANGO_MAX_FRAME_SIZE": str(MB)}
+    with Rango(keys, tmp_path_factory.mktemp("roomy"), env=env) as instance:
+        yield instance
 
 
 def the_worker(rango: Rango) -> int:
@@ -507,11 +510,7 @@ def test_stream_count_and_name_length_limits(roomy):
     ids=["deep array", "deep streams", "deep object", "commas", "escapes"],
 )
 def test_pathological_json_is_an_error(roomy, text):
-    with roomy.connect() as ws:
-        expect(ws, subscribed([]))
-        ws.send(text)
-        expect_error(ws)
-        assert_alive(ws)
+    answered_with_an_error(roomy, text)
 
 
 def test_non_ascii_and_odd_stream_names(roomy, publisher_factory):
@@ -592,8 +591,7 @@ def test_nothing_is_answered_after_the_rate_limit_close(limited):
         deadline = time.monotonic() + 1.0
         try:
             while time.monotonic() < deadline:
-                raw.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                answers.append(raw.recv_frame()[1])
+                answers.append(raw.recv_frame(max(0.01, deadline - time.monotonic()))[1])
         except (TimeoutError, EOFError, ConnectionResetError):
             pass
         assert answers == [], f"{len(answers)} answers after the close"
@@ -811,12 +809,6 @@ def _abuses(market: str) -> list[Callable[[RawClient], None]]:
     ]
 
 
-def _half_handshake(port: int) -> None:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET /public HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 1000)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-
-
 def _abuse_round(rango: Rango, market: str, count: int = 200) -> int:
     """``count`` abusive connections at once; the worker's RSS while they are open."""
     abuses = _abuses(market)
@@ -824,7 +816,7 @@ def _abuse_round(rango: Rango, market: str, count: int = 200) -> int:
     try:
         for n in range(count):
             if n % 10 == 8:
-                _half_handshake(rango.port)
+                half_handshake(rango.port)
             elif n % 10 == 9:
                 assert upgrade_status(rango.port, "/public", {"X-Pad": "a" * 20_000}) == 431
             else:
@@ -834,9 +826,7 @@ def _abuse_round(rango: Rango, market: str, count: int = 200) -> int:
         return rss_bytes(the_worker(rango))
     finally:
         for n, raw in enumerate(clients):
-            if n % 2:  # half vanish with a reset, half with a plain FIN
-                raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            raw.close()
+            raw.close(reset=n % 2 == 1)  # half vanish with a reset, half with a plain FIN
 
 
 def test_abusive_connections_leave_memory_and_counts_at_baseline(gw, bystander):
@@ -864,10 +854,7 @@ async def _churn(rango: Rango, publisher: Publisher, market: str, streams: Strea
 
     async def one(batch: int, n: int) -> Client:
         names = [everyone, *streams(market, batch, n)]
-        ws = await async_connect(rango.url("/public", "stream=" + ",".join(names)), open_timeout=10)
-        answer = orjson.loads(await asyncio.wait_for(ws.recv(), 10))
-        assert answer == subscribed(names), answer
-        return Client(ws, everyone)
+        return await open_client(rango.url("/public", "stream=" + ",".join(names)), everyone, names)
 
     for batch in range(10):
         clients = await asyncio.gather(*(one(batch, n) for n in range(200)))

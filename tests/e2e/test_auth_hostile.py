@@ -1,7 +1,7 @@
 """Hostile tokens on /private: every one is refused with HTTP 401 and one WARNING line
 that names the reason and never contains the token (PROTOCOL §2).
 
-test_connect.py::test_private_with_invalid_token_is_401 checks the status of some of
+e2e/test_connect.py::test_private_with_invalid_token_is_401 checks the status of some of
 these cases; here each case is also followed into the gateway's log, against a gateway
 that checks ``iss`` and ``aud`` (JWT_ISSUER, JWT_AUDIENCE).
 """
@@ -16,65 +16,58 @@ from collections.abc import Callable, Iterator
 import jwt
 import orjson
 import pytest
-from conftest import KeyPair, Rango, wait_for
-from test_connect import claims, forge, refused
-from wsutil import expect, subscribed, upgrade_status
+from support.answers import expect, refused, subscribed
+from support.gateway import Rango
+from support.polling import wait_for
+from support.tokens import KeyPair, b64url, forge
+from support.wire import upgrade_status
 
-# The gateway checks what barong puts in its tokens (conftest.KeyPair.token).
+# The gateway checks what barong puts in its tokens (rango.tools.mint_token).
 ENV = {"JWT_ISSUER": "barong", "JWT_AUDIENCE": "peatio,barong"}
 REFUSED = re.compile(r" WARNING \[worker \d+\] rango\.server: refused /private: (.*)$", re.M)
 
 
 @pytest.fixture(scope="module")
 def strict(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
-    instance = Rango(keys, tmp_path_factory.mktemp("tokens"), env=ENV).start()
-    yield instance
-    instance.stop()
-
-
-@pytest.fixture(scope="module")
-def stranger(tmp_path_factory: pytest.TempPathFactory) -> KeyPair:
-    """A key pair the gateway does not trust."""
-    return KeyPair(tmp_path_factory.mktemp("stranger"))
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    with Rango(keys, tmp_path_factory.mktemp("tokens"), env=ENV) as instance:
+        yield instance
 
 
 def _tampered(keys: KeyPair) -> str:
     """A valid token whose payload names another uid, signature kept."""
     header, _, signature = keys.token().split(".")
-    payload = _b64(orjson.dumps(claims(keys, uid="IDEVIL0000001")))
+    payload = b64url(orjson.dumps(keys.claims(uid="IDEVIL0000001")))
     return f"{header}.{payload}.{signature}"
 
 
 def _not_json_header(keys: KeyPair) -> str:
     _, payload, signature = keys.token().split(".")
-    header = _b64(b'{"alg":"RS256","kid":"unterminated')
+    header = b64url(b'{"alg":"RS256","kid":"unterminated')
     return f"{header}.{payload}.{signature}"
 
 
 # name -> (Authorization header from keys and a stranger's keys, the reason's wording)
 CASES: dict[str, tuple[Callable[[KeyPair, KeyPair], str], str]] = {
     "alg none": (
-        lambda k, _: "Bearer " + forge({"alg": "none", "typ": "JWT"}, claims(k), None),
+        lambda k, _: "Bearer " + forge({"alg": "none", "typ": "JWT"}, k.claims(), None),
         r"algorithm is not RS256",
     ),
     "HS256 keyed with the public key PEM": (
-        lambda k, _: "Bearer " + forge({"alg": "HS256", "typ": "JWT"}, claims(k), k.public_pem),
+        lambda k, _: "Bearer " + forge({"alg": "HS256", "typ": "JWT"}, k.claims(), k.public_pem),
         r"algorithm is not RS256",
     ),
     "HS256 keyed with JWT_PUBLIC_KEY's base64": (
-        lambda k, _: "Bearer " + forge({"alg": "HS256"}, claims(k), base64.b64encode(k.public_pem)),
+        lambda k, _: (
+            "Bearer " + forge({"alg": "HS256"}, k.claims(), base64.b64encode(k.public_pem))
+        ),
         r"algorithm is not RS256",
     ),
     "RS512 with the right key": (
-        lambda k, _: "Bearer " + jwt.encode(claims(k), k.private_key, algorithm="RS512"),
+        lambda k, _: "Bearer " + jwt.encode(k.claims(), k.private_key, algorithm="RS512"),
         r"algorithm is not RS256",
     ),
     "PS256 with the right key": (
-        lambda k, _: "Bearer " + jwt.encode(claims(k), k.private_key, algorithm="PS256"),
+        lambda k, _: "Bearer " + jwt.encode(k.claims(), k.private_key, algorithm="PS256"),
         r"algorithm is not RS256",
     ),
     "signed by another key": (lambda _, s: "Bearer " + s.token(), r"bad signature"),
@@ -139,9 +132,9 @@ def refusal_line(rango: Rango, header: str) -> str:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hostile_token_is_refused_and_logged_without_the_token(strict, keys, stranger, name):
+def test_hostile_token_is_refused_and_logged_without_the_token(strict, keys, other_keys, name):
     make, reason = CASES[name]
-    header = make(keys, stranger)
+    header = make(keys, other_keys)
     line = refusal_line(strict, header)
     assert re.search(reason, line), f"{line!r} does not name the reason ({reason})"
     log = strict.log()

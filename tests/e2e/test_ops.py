@@ -1,4 +1,6 @@
-"""Operations: `rango --version`, the systemd unit, and structured logs (LOG_FORMAT=json)."""
+"""Operations: `rango --version`, `systemd-analyze verify` of the systemd unit, and
+structured logs (LOG_FORMAT=json). The unit's directives are read in unit/test_ops_systemd.py.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, UID, recv_json, unique, wait_for
+from support import REPO
+from support.answers import recv_json
+from support.broker import unique
+from support.polling import wait_for
+from support.tokens import UID
 from websockets.exceptions import InvalidStatus
 
 import rango
@@ -32,46 +38,6 @@ def test_version():
         result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=20)
         assert result.returncode == 0, result.stderr
         assert result.stdout == f"rango {version}\n"
-
-
-def unit_directives() -> dict[str, list[str]]:
-    """``Section.Key`` -> values, in order (systemd allows a key more than once)."""
-    directives: dict[str, list[str]] = {}
-    section = ""
-    for line in UNIT.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        directives.setdefault(f"{section}.{key}", []).append(value)
-    return directives
-
-
-def test_systemd_unit_runs_the_supervisor_as_documented():
-    unit = unit_directives()
-    one = {key: values[-1] for key, values in unit.items()}
-    assert re.fullmatch(r"\S+/rango --workers \d+", one["Service.ExecStart"])
-    assert one["Service.EnvironmentFile"].startswith("/")
-    assert one["Service.ExecReload"] == "/bin/kill -HUP $MAINPID"
-    assert one["Service.KillSignal"] == "SIGTERM"
-    # Only the supervisor gets SIGTERM; it drains its workers (15 s) before the SIGKILL.
-    assert one["Service.KillMode"] == "mixed"
-    assert int(one["Service.TimeoutStopSec"]) > 15
-    assert one["Service.Restart"] == "on-failure"
-    assert one["Service.RestartPreventExitStatus"] == "2"
-    assert one["Install.WantedBy"] == "multi-user.target"
-    # Hardening that would break Rango is absent.
-    assert one.get("Service.PrivateNetwork", "no") == "no"
-    assert one.get("Service.ProtectKernelTunables", "no") == "no"  # /proc/sys writable
-    assert one.get("Service.MemoryDenyWriteExecute", "no") == "no"
-    families = one["Service.RestrictAddressFamilies"].split()
-    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(families)
-    # tcp_migrate_req is set with full privileges, its failure ignored.
-    sysctl = [v for v in unit["Service.ExecStartPre"] if "tcp_migrate_req=1" in v]
-    assert sysctl and sysctl[0].startswith(("-+", "+-"))
 
 
 def test_systemd_unit_verifies(tmp_path):

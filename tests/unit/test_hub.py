@@ -13,13 +13,14 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.answers import cannot, subscribed, unsubscribed
+from support.tokens import UID
 
 from rango.auth import Auth
 from rango.hub import Drop, Hub, Observer
 from rango.protocol import stream_kind
 
 RBAC = {"admin": frozenset({"admin", "superadmin"})}
-UID = "IDABC0000001"
 OTHER_UID = "IDABC0000002"
 
 SNAP = b'{"bids":[["1000.0","0.25"]],"asks":[["1020.0","0.005"]],"sequence":1}'
@@ -60,18 +61,6 @@ class Recorder(Observer):
         self.current[(kind, topic)] = count
 
 
-def subscribed(*streams: str) -> dict[str, Any]:
-    return {"success": {"message": "subscribed", "streams": list(streams)}}
-
-
-def unsubscribed(*streams: str) -> dict[str, Any]:
-    return {"success": {"message": "unsubscribed", "streams": list(streams)}}
-
-
-def cannot(stream: str) -> dict[str, Any]:
-    return {"success": {"message": f"cannot subscribe to {stream}"}}
-
-
 @pytest.fixture
 def observer() -> Recorder:
     return Recorder()
@@ -110,7 +99,7 @@ def state(hub: Hub) -> Any:
 def test_connect_answers_subscribed_even_without_streams(hub: Hub, observer: Recorder) -> None:
     client = Client()
     hub.connect(client)
-    assert client.take() == [subscribed()]
+    assert client.take() == [subscribed([])]
     assert hub.clients == 1
     assert observer.client_counts == [1]
 
@@ -118,7 +107,7 @@ def test_connect_answers_subscribed_even_without_streams(hub: Hub, observer: Rec
 def test_connect_subscribes_query_streams(hub: Hub) -> None:
     client = Client(UID, "member")
     hub.connect(client, ["eurusd.trades", "order", "global.tickers"])
-    assert client.take() == [subscribed("eurusd.trades", "order", "global.tickers")]
+    assert client.take() == [subscribed(["eurusd.trades", "order", "global.tickers"])]
     assert hub.public == {"eurusd.trades": {client}, "global.tickers": {client}}
     assert hub.private == {UID: {"order": {client}}}
 
@@ -130,7 +119,7 @@ def test_connect_subscribes_query_streams(hub: Hub) -> None:
 def test_public_stream_open_to_anyone(hub: Hub, auth: tuple[str, str]) -> None:
     client = connect(hub, uid=auth[0], role=auth[1])
     hub.subscribe(client, ["eurusd.trades"])
-    assert client.take() == [subscribed("eurusd.trades")]
+    assert client.take() == [subscribed(["eurusd.trades"])]
     assert hub.public == {"eurusd.trades": {client}}
     assert list(client.subscriptions) == ["eurusd.trades"]
 
@@ -138,7 +127,7 @@ def test_public_stream_open_to_anyone(hub: Hub, auth: tuple[str, str]) -> None:
 def test_private_stream_for_authenticated(hub: Hub) -> None:
     client = connect(hub, uid=UID, role="member")
     hub.subscribe(client, ["order", "trade"])
-    assert client.take() == [subscribed("order", "trade")]
+    assert client.take() == [subscribed(["order", "trade"])]
     assert hub.private == {UID: {"order": {client}, "trade": {client}}}
     assert hub.public == {}
 
@@ -149,7 +138,7 @@ def test_private_stream_from_anonymous_is_silently_not_subscribed(
     client = connect(hub)
     hub.subscribe(client, ["order", "eurusd.trades", "balance"])
     # No error, no "cannot subscribe": just absent from the list.
-    assert client.take() == [subscribed("eurusd.trades")]
+    assert client.take() == [subscribed(["eurusd.trades"])]
     assert hub.private == {}
     assert client.subscriptions == {"eurusd.trades": None}
     assert ("private", "order") not in observer.current
@@ -159,7 +148,7 @@ def test_private_stream_from_anonymous_is_silently_not_subscribed(
 def test_prefixed_stream_for_allowed_roles(hub: Hub, role: str) -> None:
     client = connect(hub, uid=UID, role=role)
     hub.subscribe(client, ["admin.eurusd.ob-inc"])
-    assert client.take() == [subscribed("admin.eurusd.ob-inc")]
+    assert client.take() == [subscribed(["admin.eurusd.ob-inc"])]
     assert hub.prefixed == {"admin.eurusd.ob-inc": {client}}
 
 
@@ -170,7 +159,7 @@ def test_prefixed_stream_for_allowed_roles(hub: Hub, role: str) -> None:
 def test_prefixed_stream_denied_to_other_roles(hub: Hub, uid: str, role: str) -> None:
     client = connect(hub, "eurusd.trades", uid=uid, role=role)
     hub.subscribe(client, ["admin.eurusd.ob-inc"])
-    assert client.take() == [cannot("admin.eurusd.ob-inc"), subscribed("eurusd.trades")]
+    assert client.take() == [cannot("admin.eurusd.ob-inc"), subscribed(["eurusd.trades"])]
     assert hub.prefixed == {}
     assert "admin.eurusd.ob-inc" not in client.subscriptions
 
@@ -179,7 +168,7 @@ def test_prefix_without_rule_is_closed_to_everyone(hub: Hub) -> None:
     for role in ("admin", "superadmin", "member", ""):
         client = connect(hub, uid=UID if role else "", role=role)
         hub.subscribe(client, ["finance.eurusd.trades"])
-        assert client.take() == [cannot("finance.eurusd.trades"), subscribed()]
+        assert client.take() == [cannot("finance.eurusd.trades"), subscribed([])]
     assert hub.prefixed == {}
 
 
@@ -187,14 +176,14 @@ def test_empty_rbac_closes_every_prefix() -> None:
     hub = Hub(encode=lambda b: b)
     client = connect(hub, uid=UID, role="admin")
     hub.subscribe(client, ["admin.eurusd.ob-inc"])
-    assert client.take() == [cannot("admin.eurusd.ob-inc"), subscribed()]
+    assert client.take() == [cannot("admin.eurusd.ob-inc"), subscribed([])]
 
 
 @pytest.mark.parametrize("name", ["a.b.c.d", "", ".", "eurusd.", ".trades", "a..b", "..", "a.b."])
 def test_names_no_event_can_match_are_not_subscribed(hub: Hub, name: str) -> None:
     client = connect(hub, uid=UID, role="admin")
     hub.subscribe(client, [name, "eurusd.trades"])
-    assert client.take() == [subscribed("eurusd.trades")]
+    assert client.take() == [subscribed(["eurusd.trades"])]
     assert client.subscriptions == {"eurusd.trades": None}
     assert hub.private == {} and hub.prefixed == {}
 
@@ -202,10 +191,10 @@ def test_names_no_event_can_match_are_not_subscribed(hub: Hub, name: str) -> Non
 def test_subscribe_answer_lists_all_current_subscriptions_in_order(hub: Hub) -> None:
     client = connect(hub, "eurusd.trades", uid=UID, role="admin")
     hub.subscribe(client, ["order"])
-    assert client.take() == [subscribed("eurusd.trades", "order")]
+    assert client.take() == [subscribed(["eurusd.trades", "order"])]
     hub.subscribe(client, ["admin.eurusd.ob-inc", "global.tickers"])
     assert client.take() == [
-        subscribed("eurusd.trades", "order", "admin.eurusd.ob-inc", "global.tickers")
+        subscribed(["eurusd.trades", "order", "admin.eurusd.ob-inc", "global.tickers"])
     ]
 
 
@@ -215,7 +204,7 @@ def test_duplicate_subscribe_is_a_noop_answering_the_full_list(
     client = connect(hub, "eurusd.trades", "order", uid=UID)
     calls = len(observer.calls)
     hub.subscribe(client, ["eurusd.trades", "order", "eurusd.trades"])
-    assert client.take() == [subscribed("eurusd.trades", "order")]
+    assert client.take() == [subscribed(["eurusd.trades", "order"])]
     assert hub.public == {"eurusd.trades": {client}}
     assert len(observer.calls) == calls  # no count changed
     assert observer.current[("public", "eurusd.trades")] == 1
@@ -224,19 +213,19 @@ def test_duplicate_subscribe_is_a_noop_answering_the_full_list(
 def test_duplicate_in_one_request_subscribes_once(hub: Hub, observer: Recorder) -> None:
     client = connect(hub)
     hub.subscribe(client, ["eurusd.trades", "eurusd.trades"])
-    assert client.take() == [subscribed("eurusd.trades")]
+    assert client.take() == [subscribed(["eurusd.trades"])]
     assert observer.calls == [("public", "eurusd.trades", 1)]
 
 
 def test_unsubscribe_answers_remaining(hub: Hub) -> None:
     client = connect(hub, "eurusd.trades", "order", "admin.x.y", uid=UID, role="admin")
     hub.unsubscribe(client, ["order", "admin.x.y"])
-    assert client.take() == [unsubscribed("eurusd.trades")]
+    assert client.take() == [unsubscribed(["eurusd.trades"])]
     assert hub.private == {}  # the uid entry is gone, not left empty
     assert hub.prefixed == {}
     assert hub.public == {"eurusd.trades": {client}}
     hub.unsubscribe(client, ["eurusd.trades"])
-    assert client.take() == [unsubscribed()]
+    assert client.take() == [unsubscribed([])]
     assert hub.public == {}
 
 
@@ -246,7 +235,7 @@ def test_unsubscribe_not_subscribed_is_a_noop_answering_the_full_list(
     client = connect(hub, "eurusd.trades", uid=UID)
     calls = len(observer.calls)
     hub.unsubscribe(client, ["btcusd.trades", "order", "nope", "a.b.c.d", ""])
-    assert client.take() == [unsubscribed("eurusd.trades")]
+    assert client.take() == [unsubscribed(["eurusd.trades"])]
     assert len(observer.calls) == calls
     assert hub.public == {"eurusd.trades": {client}}
 
@@ -266,16 +255,16 @@ def test_max_subscriptions_cap(observer: Recorder) -> None:
     assert client.take() == [
         {"success": {"message": "cannot subscribe to e.f: too many subscriptions"}},
         {"success": {"message": "cannot subscribe to order: too many subscriptions"}},
-        subscribed("a.b", "c.d"),
+        subscribed(["a.b", "c.d"]),
     ]
     assert set(hub.public) == {"a.b", "c.d"} and hub.private == {}
     # Re-subscribing to a stream already held is not refused at the cap.
     hub.subscribe(client, ["a.b"])
-    assert client.take() == [subscribed("a.b", "c.d")]
+    assert client.take() == [subscribed(["a.b", "c.d"])]
     hub.unsubscribe(client, ["a.b"])
     client.take()
     hub.subscribe(client, ["e.f"])
-    assert client.take() == [subscribed("c.d", "e.f")]
+    assert client.take() == [subscribed(["c.d", "e.f"])]
 
 
 # PROTOCOL §5: routing.
@@ -567,7 +556,7 @@ def test_later_snapshot_is_not_broadcast_and_replaces_the_book(hub: Hub) -> None
     assert hub.books["eurusd.ob"].increments == []  # emptied
     late = connect(hub)
     hub.subscribe(late, ["eurusd.ob-inc"])
-    assert late.take() == [{"eurusd.ob-snap": orjson.loads(snap2)}, subscribed("eurusd.ob-inc")]
+    assert late.take() == [{"eurusd.ob-snap": orjson.loads(snap2)}, subscribed(["eurusd.ob-inc"])]
 
 
 def test_increment_before_snapshot_is_dropped(hub: Hub) -> None:
@@ -599,7 +588,7 @@ def test_increments_are_broadcast_stored_and_replayed(hub: Hub) -> None:
         {"eurusd.ob-snap": orjson.loads(SNAP)},
         {"eurusd.ob-inc": orjson.loads(INC1)},
         {"eurusd.ob-inc": orjson.loads(INC2)},
-        subscribed("eurusd.trades", "eurusd.ob-inc"),
+        subscribed(["eurusd.trades", "eurusd.ob-inc"]),
     ]
     # Then live increments reach both, once.
     assert hub.route("public.eurusd.ob-inc", INC3) == 2
@@ -615,7 +604,7 @@ def test_replay_on_connect_comes_before_the_connect_answer(hub: Hub) -> None:
     assert client.take() == [
         {"eurusd.ob-snap": orjson.loads(SNAP)},
         {"eurusd.ob-inc": orjson.loads(INC1)},
-        subscribed("eurusd.ob-inc"),
+        subscribed(["eurusd.ob-inc"]),
     ]
 
 
@@ -623,7 +612,7 @@ def test_resubscribing_to_inc_does_not_replay_again(hub: Hub) -> None:
     hub.route("public.eurusd.ob-snap", SNAP)
     client = connect(hub, "eurusd.ob-inc")
     hub.subscribe(client, ["eurusd.ob-inc"])
-    assert client.take() == [subscribed("eurusd.ob-inc")]
+    assert client.take() == [subscribed(["eurusd.ob-inc"])]
 
 
 def test_books_are_per_market_and_base(hub: Hub) -> None:
@@ -668,7 +657,7 @@ def test_increment_bound_discards_the_book_until_the_next_snapshot(observer: Rec
     assert info.value.reason == "no_snapshot"
     late = connect(hub)
     hub.subscribe(late, ["eurusd.ob-inc"])
-    assert late.take() == [subscribed("eurusd.ob-inc")]
+    assert late.take() == [subscribed(["eurusd.ob-inc"])]
     # The next snapshot goes to every -inc subscriber, like a first one.
     snap2 = b'{"sequence":100}'
     assert hub.route("public.eurusd.ob-snap", snap2) == 2
@@ -858,13 +847,13 @@ def test_indexes_follow_subscriptions(ops: list[tuple[str, int, list[str]]]) -> 
         if not connected[index]:
             hub.connect(client)
             connected[index] = True
-            assert orjson.loads(client.frames[-1]) == subscribed()
+            assert orjson.loads(client.frames[-1]) == subscribed([])
         if op == "subscribe":
             hub.subscribe(client, args)
-            assert orjson.loads(client.frames[-1]) == subscribed(*client.subscriptions)
+            assert orjson.loads(client.frames[-1]) == subscribed(list(client.subscriptions))
         elif op == "unsubscribe":
             hub.unsubscribe(client, args)
-            assert orjson.loads(client.frames[-1]) == unsubscribed(*client.subscriptions)
+            assert orjson.loads(client.frames[-1]) == unsubscribed(list(client.subscriptions))
             assert not set(args) & set(client.subscriptions)
         else:
             hub.disconnect(client)
@@ -957,7 +946,7 @@ def test_subscribing_during_a_run_sees_only_later_events(batching):
     ]
     # Snapshot and stored increment once each, the answer, then the live increment.
     assert lines(late.frames) == [
-        {"eurusd.ob-snap": snap}, {"eurusd.ob-inc": inc1}, subscribed("eurusd.ob-inc"),
+        {"eurusd.ob-snap": snap}, {"eurusd.ob-inc": inc1}, subscribed(["eurusd.ob-inc"]),
         {"eurusd.ob-inc": inc2},
     ]
 

@@ -8,12 +8,14 @@ order of one publisher's messages, so the marker must be the very next frame.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 import pytest
-from conftest import Publisher, recv_json, unique
-from wsutil import expect, request, subscribe, subscribed, unsubscribed
+from support.answers import expect, recv_json, request, subscribe, subscribed, unsubscribed
+from support.broker import Publisher, unique
+from websockets.sync.client import ClientConnection
 
 # Routing keys
 
@@ -306,6 +308,13 @@ def publish_inc(publisher: Publisher, m: str, seq: int) -> None:
     publisher.publish(f"public.{m}.ob-inc", inc(m, seq)[f"{m}.ob-inc"])
 
 
+def expect_book(ws: ClientConnection, m: str, snapshot: int, increments: Iterable[int]) -> None:
+    """The next frames are ``m``'s snapshot ``snapshot``, then these increments in order."""
+    expect(ws, snap(m, snapshot))
+    for seq in increments:
+        expect(ws, inc(m, seq))
+
+
 def test_first_snapshot_goes_to_waiting_inc_subscribers_later_ones_do_not(rango, publisher):
     m = unique()
     with (
@@ -342,12 +351,10 @@ def test_increment_before_any_snapshot_is_dropped(rango, publisher):
         expect(ws, {f"{m}.marker": {"marker": 1}})
         publish_snap(publisher, m, 10)
         publish_inc(publisher, m, 11)
-        expect(ws, snap(m, 10))
-        expect(ws, inc(m, 11))
+        expect_book(ws, m, 10, [11])
     # The dropped increments were not stored either.
     with rango.connect("/", f"stream={m}.ob-inc") as ws:
-        expect(ws, snap(m, 10))
-        expect(ws, inc(m, 11))
+        expect_book(ws, m, 10, [11])
         expect(ws, subscribed([f"{m}.ob-inc"]))
 
 
@@ -358,15 +365,11 @@ def test_new_subscriber_gets_snapshot_then_stored_increments_then_answer(rango, 
         publish_snap(publisher, m, 0)
         for seq in range(1, 6):
             publish_inc(publisher, m, seq)
-        expect(first, snap(m, 0))
-        for seq in range(1, 6):
-            expect(first, inc(m, seq))  # all stored by now
+        expect_book(first, m, 0, range(1, 6))  # all stored by now
         with rango.connect("/", f"stream={m}.trades") as ws:
             expect(ws, subscribed([f"{m}.trades"]))
             request(ws, "subscribe", [f"{m}.ob-inc"])
-            expect(ws, snap(m, 0))
-            for seq in range(1, 6):
-                expect(ws, inc(m, seq))
+            expect_book(ws, m, 0, range(1, 6))
             expect(ws, subscribed([f"{m}.trades", f"{m}.ob-inc"]))
             publish_inc(publisher, m, 6)
             expect(ws, inc(m, 6))
@@ -377,9 +380,7 @@ def test_new_subscriber_gets_snapshot_then_stored_increments_then_answer(rango, 
             request(ws, "unsubscribe", [f"{m}.ob-inc"])
             expect(ws, unsubscribed([f"{m}.trades"]))
             request(ws, "subscribe", [f"{m}.ob-inc"])
-            expect(ws, snap(m, 0))
-            for seq in range(1, 7):
-                expect(ws, inc(m, seq))
+            expect_book(ws, m, 0, range(1, 7))
             expect(ws, subscribed([f"{m}.trades", f"{m}.ob-inc"]))
 
 
@@ -390,11 +391,9 @@ def test_book_in_query_string_comes_before_the_connect_answer(rango, publisher):
         expect(first, subscribed([f"{m}.ob-inc"]))
         publish_snap(publisher, m, 0)
         publish_inc(publisher, m, 1)
-        expect(first, snap(m, 0))
-        expect(first, inc(m, 1))
+        expect_book(first, m, 0, [1])
     with rango.connect("/", f"stream={m}.trades,{m}.ob-inc") as ws:
-        expect(ws, snap(m, 0))
-        expect(ws, inc(m, 1))
+        expect_book(ws, m, 0, [1])
         expect(ws, subscribed([f"{m}.trades", f"{m}.ob-inc"]))
 
 
@@ -407,15 +406,11 @@ def test_new_snapshot_replaces_book_and_empties_increments(rango, publisher):
         publish_inc(publisher, m, 2)
         publish_snap(publisher, m, 50)
         publish_inc(publisher, m, 51)
-        expect(first, snap(m, 0))
-        expect(first, inc(m, 1))
-        expect(first, inc(m, 2))
-        expect(first, inc(m, 51))
+        expect_book(first, m, 0, [1, 2, 51])
     with rango.connect("/") as ws:
         expect(ws, subscribed([]))
         request(ws, "subscribe", [f"{m}.ob-inc"])
-        expect(ws, snap(m, 50))
-        expect(ws, inc(m, 51))
+        expect_book(ws, m, 50, [51])
         expect(ws, subscribed([f"{m}.ob-inc"]))
 
 
@@ -427,8 +422,7 @@ def test_books_are_per_market_and_base(rango, publisher):
         publish_inc(publisher, m2, 1)  # no book for m2: dropped
         publisher.publish(f"public.{m1}.book-inc", {"sequence": 1})  # no m1.book: dropped
         publish_inc(publisher, m1, 1)
-        expect(ws, snap(m1, 0))
-        expect(ws, inc(m1, 1))
+        expect_book(ws, m1, 0, [1])
 
 
 def test_subscribe_while_increments_stream_loses_and_repeats_nothing(rango):
@@ -534,9 +528,7 @@ def test_max_increments_discards_book_until_next_snapshot(rango_factory, publish
             publish_snap(pub, m, 10)
             publish_inc(pub, m, 11)
             for ws in (a, c):
-                expect(ws, snap(m, 10))
-                expect(ws, inc(m, 11))
+                expect_book(ws, m, 10, [11])
         with gw.connect("/", f"stream={m}.ob-inc") as d:
-            expect(d, snap(m, 10))
-            expect(d, inc(m, 11))
+            expect_book(d, m, 10, [11])
             expect(d, subscribed([f"{m}.ob-inc"]))

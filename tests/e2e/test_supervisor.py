@@ -11,31 +11,21 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from conftest import REPO, Rango, unique, wait_for
-from proctools import (
-    Client,
-    MetricsWatch,
-    alive,
-    async_wait_for,
-    cpu_seconds,
-    gauge_reaches,
-    open_clients,
-    queues_of,
-    scrape,
-    socket_owners,
-    wait_counts,
-    worker_index,
-)
+from support.broker import queues_of, unique
+from support.crowd import Client, open_clients, wait_counts
+from support.gateway import Rango
+from support.metrics import MetricsWatch, gauge_reaches, samples, scrape
+from support.polling import async_wait_for, wait_for
+from support.procfs import alive, cpu_seconds, socket_owners, worker_index
 from websockets.sync.client import connect as sync_connect
-from wsutil import samples
 
 TWO = {"RANGO_WORKERS": "2"}
 
@@ -179,8 +169,8 @@ def test_kill_9_of_a_worker(rango_factory, publisher_factory):
 def test_sigterm_drains_everything(rango_factory):
     rango, pids = two_workers(rango_factory)
     stream = f"{unique()}.trades"
-    queues = wait_for(lambda: len(queues_of(pids)) == 2 and queues_of(pids), 10, "2 queues")
-    assert len(queues) == 2, queues
+    queues = wait_for(lambda: all(queues_of(*pids).values()) and queues_of(*pids), 10, "2 queues")
+    assert all(len(names) == 1 for names in queues.values()), queues
 
     async def scenario() -> None:
         by_pid = await spread_clients(rango, stream, pids, 20)
@@ -195,7 +185,7 @@ def test_sigterm_drains_everything(rango_factory):
         assert rango.proc.wait(20) == 0, rango.log()[-3000:]
     watch.check()
     assert not [pid for pid in pids if alive(pid)]
-    assert queues_of(pids) == []
+    assert queues_of(*pids) == {pid: [] for pid in pids}
     assert "killing" not in rango.log()
 
 
@@ -278,7 +268,7 @@ def test_sighup_rolls_workers_without_refusing_or_losing(rango_factory, publishe
     watch.check()
     assert connects["failed"] == 0, (connects, failures[:5])
     assert connects["ok"] >= 20, connects
-    assert queues_of(pids) == []
+    assert queues_of(*pids) == {pid: [] for pid in pids}
     assert "rolling restart done" in rango.log()
 
 
@@ -304,20 +294,30 @@ def test_sigterm_during_sighup_stops_old_and_new_workers(rango_factory):
     assert rango.proc.wait(20) == 0, rango.log()[-3000:]
     left = [pid for pid in [*pids, *spawned] if alive(pid)]
     assert not left, f"workers left running: {left}"
-    assert queues_of(pids) == []
+    assert queues_of(*pids) == {pid: [] for pid in pids}
 
 
-def test_port_taken_exits_2_without_restart_loop(rango_factory, tmp_path):
-    scratch = tmp_path / "tmp"  # the supervisor's TMPDIR: its metrics directory goes here
+def exits_2_on_a_taken_port(
+    rango_factory: Any, tmp_path: Path, variable: str
+) -> tuple[Rango, int, Path]:
+    """Two workers with ``variable`` naming a port that is bound and listening already;
+    the gateway exits with status 2. Returns it, the port and its TMPDIR (where the
+    supervisor's metrics directory goes)."""
+    scratch = tmp_path / "tmp"
     scratch.mkdir()
     with socket.socket() as blocker:  # no SO_REUSEPORT: nobody else may bind it
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
         port = blocker.getsockname()[1]
-        env = {**TWO, "RANGER_PORT": str(port), "TMPDIR": str(scratch)}
+        env = {**TWO, variable: str(port), "TMPDIR": str(scratch)}
         rango = rango_factory(env=env, wait=False)
         assert rango.proc is not None
         assert rango.proc.wait(20) == 2
+    return rango, port, scratch
+
+
+def test_port_taken_exits_2_without_restart_loop(rango_factory, tmp_path):
+    rango, port, scratch = exits_2_on_a_taken_port(rango_factory, tmp_path, "RANGER_PORT")
     assert list(scratch.iterdir()) == []
     log = rango.log()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in log, log
@@ -328,16 +328,7 @@ def test_port_taken_exits_2_without_restart_loop(rango_factory, tmp_path):
 
 
 def test_metrics_port_taken_exits_2_at_once(rango_factory, tmp_path):
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    with socket.socket() as blocker:
-        blocker.bind(("127.0.0.1", 0))
-        blocker.listen()
-        port = blocker.getsockname()[1]
-        env = {**TWO, "RANGO_METRICS_PORT": str(port), "TMPDIR": str(scratch)}
-        rango = rango_factory(env=env, wait=False)
-        assert rango.proc is not None
-        assert rango.proc.wait(20) == 2
+    rango, port, scratch = exits_2_on_a_taken_port(rango_factory, tmp_path, "RANGO_METRICS_PORT")
     log = rango.log()
     assert log.strip() == (
         f"rango: RANGO_METRICS_PORT: cannot listen on 127.0.0.1:{port}: Address already in use"
@@ -354,11 +345,8 @@ CAPPED = (
 
 def test_worker_dying_at_start_is_restarted_with_capped_backoff(keys, tmp_path):
     rango = Rango(keys, tmp_path)
-    rango._log = open(rango.log_path, "wb")  # noqa: SIM115 - closed by rango.stop()
-    rango.proc = subprocess.Popen(
-        [sys.executable, "-c", CAPPED, *rango.args],
-        cwd=REPO, env=rango.env, stdout=rango._log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    rango.command = [sys.executable, "-c", CAPPED]
+    rango.start(wait=False)
     try:
         seen: list[int] = []
         gaps = []

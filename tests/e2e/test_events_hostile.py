@@ -19,8 +19,10 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Publisher, Rango, recv_json, unique
-from wsutil import counter, expect, subscribed, wait_counter
+from support.answers import expect, recv_json, subscribed
+from support.broker import Publisher, unique
+from support.gateway import Rango
+from support.metrics import counter, wait_counter
 
 MAX_EVENT = 1024
 ENV = {"RANGO_MAX_EVENT_SIZE": str(MAX_EVENT)}
@@ -37,9 +39,8 @@ DESCRIPTIONS = {
 
 @pytest.fixture(scope="module")
 def ev(keys: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
-    instance = Rango(keys, tmp_path_factory.mktemp("events"), env=ENV).start()
-    yield instance
-    instance.stop()
+    with Rango(keys, tmp_path_factory.mktemp("events"), env=ENV) as instance:
+        yield instance
 
 
 @pytest.fixture

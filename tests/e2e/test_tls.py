@@ -13,16 +13,20 @@ import os
 import signal
 import ssl
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from clients import Lines, wscat_path
-from conftest import AMQP_URL, REPO, UID, free_port, recv_json, unique, wait_for
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from support import AMQP_URL, REPO
+from support.answers import recv_json
+from support.broker import unique
+from support.clients import Lines, wscat_path
+from support.gateway import RANGO_COMMAND, free_port, gateway_env
+from support.polling import wait_for
+from support.tokens import UID
 from websockets.exceptions import InvalidHandshake, InvalidMessage
 from websockets.sync.client import connect
 
@@ -198,15 +202,9 @@ def test_renewed_certificate_is_served_after_sighup(rango_factory, tmp_path):
 def start_up_error(
     pub_key: Path, env: dict[str, str] | None, *args: str
 ) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RANGO_", "JWT_"))}
-    environ.update({
-        "RANGER_HOST": "127.0.0.1", "RANGER_PORT": str(free_port()),
-        "RANGO_METRICS_HOST": "127.0.0.1", "RANGO_METRICS_PORT": str(free_port()),
-        "RANGO_WORKERS": "1", **(env or {}),
-    })  # fmt: skip
+    environ = gateway_env(free_port(), free_port(), RANGO_WORKERS="1", **(env or {}))
     return subprocess.run(
-        [sys.executable, "-m", "rango.cli", "--amqp-addr", AMQP_URL, "--pubKey", str(pub_key),
-         *args],
+        [*RANGO_COMMAND, "--amqp-addr", AMQP_URL, "--pubKey", str(pub_key), *args],
         capture_output=True, text=True, env=environ, cwd=REPO, timeout=30,
     )  # fmt: skip
 

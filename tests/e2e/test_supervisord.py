@@ -18,38 +18,27 @@ import signal
 import subprocess
 import sys
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import AMQP_URL, REPO, child_pids, free_port, unique, wait_for
-from proctools import (
+from support import AMQP_URL, REPO
+from support.broker import queues_of, unique
+from support.crowd import open_clients, wait_counts
+from support.gateway import free_port, gateway_env, http_get
+from support.metrics import (
     MetricsWatch,
-    alive,
     check_scrape,
     clients_gauge,
     gauge_reaches,
-    open_clients,
-    queues_of,
+    samples,
     scrape,
-    socket_owners,
-    wait_counts,
-    worker_index,
 )
-from wsutil import samples
+from support.polling import wait_for
+from support.procfs import alive, child_pids, cmdline, socket_owners, worker_index
 
 BIN = Path(sys.executable).parent
 SUPERVISORD = shutil.which("supervisord", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _conf(directory: Path, exchange: str) -> Path:
@@ -80,20 +69,15 @@ def test_supervisord_runs_workers_and_exporter(keys, tmp_path, publisher_factory
     exchange = f"rango.test.{secrets.token_hex(4)}"
     port, metrics_port = free_port(), free_port()
     amqp = urllib.parse.urlsplit(AMQP_URL)
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RANGO_", "JWT_"))},
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "RANGER_HOST": "127.0.0.1",
-        "RANGER_PORT": str(port),
-        "RANGO_METRICS_HOST": "127.0.0.1",
-        "RANGO_METRICS_PORT": str(metrics_port),
-        "JWT_PUBLIC_KEY": base64.b64encode(keys.public_pem).decode(),
-        "RABBITMQ_HOST": amqp.hostname or "127.0.0.1",
-        "RABBITMQ_PORT": str(amqp.port or 5672),
-        "RABBITMQ_USER": urllib.parse.unquote(amqp.username or "guest"),
-        "RABBITMQ_PASSWORD": urllib.parse.unquote(amqp.password or "guest"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = gateway_env(
+        port, metrics_port,
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        JWT_PUBLIC_KEY=base64.b64encode(keys.public_pem).decode(),
+        RABBITMQ_HOST=amqp.hostname or "127.0.0.1",
+        RABBITMQ_PORT=str(amqp.port or 5672),
+        RABBITMQ_USER=urllib.parse.unquote(amqp.username or "guest"),
+        RABBITMQ_PASSWORD=urllib.parse.unquote(amqp.password or "guest"),
+    )  # fmt: skip
     log_path = tmp_path / "supervisord.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed below
     assert SUPERVISORD is not None
@@ -104,13 +88,13 @@ def test_supervisord_runs_workers_and_exporter(keys, tmp_path, publisher_factory
 
     def programs() -> tuple[list[int], list[int]]:
         children = child_pids(proc.pid)
-        workers = [p for p in children if "workers.worker" in _cmdline(p)]
-        exporters = [p for p in children if "workers.exporter" in _cmdline(p)]
+        workers = [p for p in children if "workers.worker" in cmdline(p)]
+        exporters = [p for p in children if "workers.exporter" in cmdline(p)]
         return workers, exporters
 
     def ready() -> bool:
         try:
-            return _status(metrics_port, "/ready") == 200
+            return http_get(metrics_port, "/ready")[0] == 200
         except OSError:
             return False
 
@@ -162,7 +146,7 @@ def test_supervisord_runs_workers_and_exporter(keys, tmp_path, publisher_factory
             assert proc.wait(30) == 0, log_path.read_text()[-3000:]
         watch.check()
         assert not [p for p in [*workers, *exporters] if alive(p)]
-        assert queues_of(workers) == []
+        assert queues_of(*workers) == {pid: [] for pid in workers}
         with pytest.raises(OSError):
             clients_gauge(metrics_port)
     finally:
@@ -180,10 +164,3 @@ def test_supervisord_runs_workers_and_exporter(keys, tmp_path, publisher_factory
         log.close()
         shutil.rmtree(directory, ignore_errors=True)
 
-
-def _status(port: int, path: str) -> int:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
-            return resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code

@@ -2,7 +2,7 @@
 
 The events come from ``rango publish`` or a RabbitMQ publisher; what the clients print
 or render is checked. Skipped, with the reason, where scripts/setup could not install
-the client (see tests/clients.py).
+the client (see tests/support/clients.py).
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from clients import (
-    REPO,
+from support import REPO
+from support.answers import subscribed
+from support.broker import unique
+from support.clients import (
     AuthGateway,
     Browser,
     Lines,
@@ -27,7 +29,7 @@ from clients import (
     serve_directory,
     wscat_path,
 )
-from conftest import UID, unique
+from support.tokens import UID
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
@@ -55,16 +57,12 @@ def wscat() -> Iterator[Any]:
         proc.wait()
 
 
-def subscribed(*streams: str) -> dict[str, Any]:
-    return {"success": {"message": "subscribed", "streams": list(streams)}}
-
-
 def test_wscat_public_query_string_and_subscribe_frame(rango, wscat):
     """`wscat -c` as in the README: frames printed one a line; typed frames are sent."""
     market = unique()
     url = rango.url("/public", f"stream={market}.trades&stream=global.tickers")
     proc, out, _ = wscat("-c", url)
-    assert out.expect_json() == subscribed(f"{market}.trades", "global.tickers")
+    assert out.expect_json() == subscribed([f"{market}.trades", "global.tickers"])
 
     publish_lines(rango.exchange, [
         f'public.{market}.trades {{"trades":[{{"tid":7,"taker_type":"buy","date":1588000798,'
@@ -83,8 +81,8 @@ def test_wscat_public_query_string_and_subscribe_frame(rango, wscat):
     )
     proc.stdin.write(b"ping\n")
     proc.stdin.flush()
-    assert out.expect_json() == subscribed(f"{market}.trades", "global.tickers",
-                                           f"{market}.kline-12h")
+    assert out.expect_json() == subscribed([f"{market}.trades", "global.tickers",
+                                            f"{market}.kline-12h"])
     assert out.expect(lambda line: line.strip() == "pong") == "pong"
     publish_lines(rango.exchange,
                   [f"public.{market}.kline-12h [1588204800,215.3,226.82,201.91566271,212.43,1.5]"])
@@ -102,8 +100,8 @@ def test_wscat_private_with_authorization_header(rango, wscat, keys):
         "-c", rango.url("/private", "stream=order"),
         "-H", f"Authorization: Bearer {token}", "-x", frame, "-w", "-1",
     )  # fmt: skip
-    assert out.expect_json() == subscribed("order")
-    assert out.expect_json() == subscribed("order", "trade")
+    assert out.expect_json() == subscribed(["order"])
+    assert out.expect_json() == subscribed(["order", "trade"])
     publish_lines(rango.exchange, [
         f'private.{UID}.order {{"id":22,"at":1588000798,"market":"eurusd","kind":"bid",'
         f'"price":"1026.0","state":"wait","volume":"0.001","origin_volume":"0.001"}}',
@@ -140,10 +138,10 @@ def test_wscat_in_a_terminal(rango, keys):
 
     try:
         screen.expect("Connected (press CTRL+C to quit)")
-        assert received() == subscribed()  # the answer to the (empty) query string
+        assert received() == subscribed([])  # the answer to the (empty) query string
         typed = json.dumps({"event": "subscribe", "streams": [f"{market}.trades", "order"]})
         os.write(leader, typed.encode() + b"\r")
-        assert received() == subscribed(f"{market}.trades", "order")
+        assert received() == subscribed([f"{market}.trades", "order"])
         assert any(typed in line for line in screen.seen)  # echoed after the "> " prompt
         publish_lines(rango.exchange, [f'public.{market}.trades {{"trades":[{{"tid":8}}]}}',
                                        f'private.{UID}.order {{"id":23}}'])

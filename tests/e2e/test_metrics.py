@@ -11,9 +11,11 @@ import socket
 from typing import Any
 
 import pytest
-from conftest import unique, wait_for
+from support.answers import cannot, expect, request, subscribed, unsubscribed
+from support.broker import unique
+from support.metrics import counter, sample, samples
+from support.polling import wait_for
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
-from wsutil import cannot, expect, request, sample, samples, subscribed, unsubscribed
 
 CLIENTS = "rango_hub_clients_count"
 SUBS = "rango_hub_subscriptions_count"
@@ -38,10 +40,6 @@ def wait_subs(gw: Any, kind: str, topic: str, n: int) -> None:
         10,
         f"{SUBS}{{type={kind},topic={topic}}} == {n} (now {subs(gw, kind, topic)})",
     )
-
-
-def counter(gw: Any, name: str) -> float:
-    return sample(gw.metrics(), name) or 0.0
 
 
 def test_clients_count_follows_connects_and_disconnects(rango):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from conftest import Rango, unique
-from websockets.exceptions import ConnectionClosed, ConnectionClosedError
-from wsutil import (
-    RawClient,
+from support.answers import (
+    answered_with_an_error,
     assert_alive,
     expect,
     expect_error,
@@ -20,8 +19,11 @@ from wsutil import (
     subscribed,
     unsubscribed,
 )
-
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+from support.broker import unique
+from support.gateway import Rango
+from support.tokens import KeyPair
+from support.wire import OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, RawClient
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
 
 def closed_with(ws: Any, code: int) -> None:
@@ -63,11 +65,7 @@ def test_ping_answers_pong(rango, frame):
 
 @pytest.mark.parametrize("frame", ["PING", "pingping", "p ing", '"ping"'])
 def test_not_quite_ping_is_an_error(rango, frame):
-    with rango.connect() as ws:
-        expect(ws, subscribed([]))
-        ws.send(frame)
-        expect_error(ws)
-        assert_alive(ws)
+    answered_with_an_error(rango, frame)
 
 
 # subscribe / unsubscribe
@@ -252,12 +250,11 @@ def test_oversize_close_leaves_other_clients_alone(rango, publisher):
 
 
 @pytest.fixture(scope="module")
-def small_rango(keys: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    instance = Rango(
+def small_rango(keys: KeyPair, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rango]:
+    with Rango(
         keys, tmp_path_factory.mktemp("small"), env={"RANGO_MAX_FRAME_SIZE": "100"}
-    ).start()
-    yield instance
-    instance.stop()
+    ) as instance:
+        yield instance
 
 
 def test_configured_limit_accepts_frame_at_limit(small_rango):

@@ -14,12 +14,12 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from support.tokens import UID, b64url
 
 import rango.auth
 from rango.auth import MAX_TOKEN_LENGTH, Auth, Authenticator, AuthError, bearer_token
 from rango.config import Config, ConfigError
 
-UID = "IDABC0000001"
 NOW = 1_700_000_000
 
 
@@ -27,10 +27,6 @@ def public_pem(private_key: Any) -> bytes:
     return private_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def unsigned(header: dict[str, Any], payload: Any) -> str:
