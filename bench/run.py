@@ -32,22 +32,25 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(REPO / "tests"))  # tests/support: /proc readers, the gateway launcher
+
+from support import procfs  # noqa: E402
+from support.gateway import RANGO_COMMAND, Gateway, accepts, rango_args  # noqa: E402
+from support.metrics import parse_metrics  # noqa: E402
+from support.tokens import KeyPair  # noqa: E402
+
 OUT = BENCH / "out"
 LOGS = OUT / "logs"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 NOFILE = 1 << 17
 BODY_SIZE = 100
 
@@ -71,12 +74,14 @@ def build(name: str) -> Path:
     return binary
 
 
-# /proc helpers.
+# /proc helpers (tests/support/procfs.py); soak.py reads these two through this module.
+
+loadavg = procfs.loadavg
 
 
-def loadavg() -> list[float]:
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
+def rss_bytes(pid: int) -> int:
+    """Resident memory of ``pid``; 0 once it is gone."""
+    return procfs.rss_bytes(pid, default=0)
 
 
 def git_sha() -> str | None:
@@ -106,114 +111,6 @@ def source_digest() -> str:
     return digest.hexdigest()[:10]
 
 
-def _stat(pid: int) -> list[bytes] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()
-    except OSError:
-        return None
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` and of its children it has waited for."""
-    fields = _stat(pid)
-    if fields is None:
-        return 0
-    return sum(int(fields[i]) for i in (11, 12, 13, 14))
-
-
-def user_system_ticks(pid: int) -> tuple[int, int]:
-    fields = _stat(pid)
-    if fields is None:
-        return 0, 0
-    return int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])
-
-
-def io_counters(pid: int) -> dict[str, int]:
-    """syscr, syscw (read/write-like syscalls), rchar, wchar of ``pid`` (/proc/<pid>/io)."""
-    counters = {}
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            for line in f:
-                name, _, value = line.partition(":")
-                if name in ("syscr", "syscw", "rchar", "wchar"):
-                    counters[name] = int(value)
-    except OSError:
-        pass
-    return counters
-
-
-def schedstat(pid: int) -> tuple[int, int]:
-    """Nanoseconds ``pid`` ran on a CPU and waited runnable for one (/proc/<pid>/schedstat)."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            run, wait, _ = f.read().split()
-        return int(run), int(wait)
-    except (OSError, ValueError):
-        return 0, 0
-
-
-def tree(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def beam_pids() -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == "beam.smp":
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
-def machine_busy_ticks() -> int:
-    """Busy CPU ticks of the whole machine (all cores) from /proc/stat."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    # guest time is already counted in user time
-    return sum(fields[:8]) - idle
-
-
-def cpu_pressure_us() -> int | None:
-    """PSI: total microseconds some task waited for a CPU (None without PSI)."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            for line in f:
-                if line.startswith("some"):
-                    return int(line.rsplit("total=", 1)[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 class CpuMeter:
     """CPU seconds of the server tree, RabbitMQ and the load client over a window.
 
@@ -225,27 +122,29 @@ class CpuMeter:
     def __init__(self, server_root: int | None, client_pids: list[int]) -> None:
         self.server_root = server_root
         self.client_pids = client_pids
-        self.beam = beam_pids()
+        self.beam = procfs.pids_named("beam.smp")
         self.extra: dict[str, float] = {}
         self.start = self._snapshot()
         self.detail0 = self._server_detail
         self.sched0 = self._sched
-        self.machine0 = machine_busy_ticks()
-        self.pressure0 = cpu_pressure_us()
+        self.machine0 = procfs.machine_busy_ticks()
+        self.pressure0 = procfs.cpu_pressure_us()
         self.t0 = time.monotonic()
         self.end: dict[str, dict[int, int]] | None = None
 
     def _snapshot(self) -> dict[str, dict[int, int]]:
-        server = tree(self.server_root) if self.server_root else []
-        self._server_detail = {pid: (user_system_ticks(pid), io_counters(pid)) for pid in server}
+        server = procfs.descendants(self.server_root) if self.server_root else []
+        self._server_detail = {
+            pid: (procfs.user_system_ticks(pid), procfs.io_counters(pid)) for pid in server
+        }
         self._sched = {
-            "server": {pid: schedstat(pid) for pid in server},
-            "client": {pid: schedstat(pid) for pid in self.client_pids},
+            "server": {pid: procfs.schedstat(pid) for pid in server},
+            "client": {pid: procfs.schedstat(pid) for pid in self.client_pids},
         }
         return {
-            "server": {pid: cpu_ticks(pid) for pid in server},
-            "rabbitmq": {pid: cpu_ticks(pid) for pid in self.beam},
-            "client": {pid: cpu_ticks(pid) for pid in self.client_pids},
+            "server": {pid: procfs.cpu_ticks(pid) for pid in server},
+            "rabbitmq": {pid: procfs.cpu_ticks(pid) for pid in self.beam},
+            "client": {pid: procfs.cpu_ticks(pid) for pid in self.client_pids},
         }
 
     def add(self, name: str, seconds: float) -> None:
@@ -276,7 +175,7 @@ class CpuMeter:
         for name, after in self.end.items():
             before = self.start[name]
             ticks = sum(max(0, t - before.get(pid, 0)) for pid, t in after.items())
-            result[name] = round(ticks / CLK_TCK, 2)
+            result[name] = round(ticks / procfs.CLK_TCK, 2)
         for name, seconds in self.extra.items():
             result[name] = round(seconds, 2)
         ours = sum(result.values())
@@ -284,12 +183,12 @@ class CpuMeter:
         for pid, ((u, sy), _) in self.detail1.items():
             (u0, s0), _ = self.detail0.get(pid, ((0, 0), {}))
             user, system = user + u - u0, system + sy - s0
-        result["server_user"] = round(user / CLK_TCK, 2)
-        result["server_system"] = round(system / CLK_TCK, 2)
-        machine = (machine_busy_ticks() - self.machine0) / CLK_TCK
+        result["server_user"] = round(user / procfs.CLK_TCK, 2)
+        result["server_system"] = round(system / procfs.CLK_TCK, 2)
+        machine = (procfs.machine_busy_ticks() - self.machine0) / procfs.CLK_TCK
         result["machine"] = round(machine, 2)
         result["other"] = round(max(0.0, machine - ours), 2)
-        pressure = cpu_pressure_us()
+        pressure = procfs.cpu_pressure_us()
         if pressure is not None and self.pressure0 is not None and self.seconds > 0:
             result["cpu_pressure_pct"] = round((pressure - self.pressure0) / 1e4 / self.seconds, 1)
         # Time runnable but waiting for a CPU: high means the process was starved by
@@ -305,12 +204,6 @@ class CpuMeter:
 
 
 # Processes.
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _raise_nofile() -> None:
@@ -339,24 +232,8 @@ def ensure_keys() -> Path:
     """A dev RSA key pair in bench/out/ (the clients are anonymous: only the public key is used)."""
     public = OUT / "rsa-key.pub"
     if not public.exists():
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        private = OUT / "rsa-key"
-        private.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        private.chmod(0o600)
-        public.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        OUT.mkdir(exist_ok=True)
+        KeyPair(OUT)  # rsa-key (mode 0600) and rsa-key.pub
     return public
 
 
@@ -375,15 +252,15 @@ class Target:
     def argv(self, ctx: dict[str, Any]) -> list[str]:
         if not self.command:
             return [
-                sys.executable, "-m", "rango.cli", "--workers", str(ctx["workers"]),
-                "--pubKey", ctx["pubkey"], "--exchange", ctx["exchange"],
-                "--amqp-addr", ctx["amqp_url"],
+                *RANGO_COMMAND, "--workers", str(ctx["workers"]),
+                *rango_args(ctx["pubkey"], ctx["exchange"], ctx["amqp_url"]),
             ]  # fmt: skip
         return shlex.split(self.command.format(**ctx))
 
 
-class Server:
-    """One server process tree on free ports with its own exchange."""
+class Server(Gateway):
+    """One server process tree on free ports with its own exchange: ``target``'s command,
+    with ``RLIMIT_NOFILE`` raised, its output in bench/out/logs/."""
 
     def __init__(
         self,
@@ -395,120 +272,66 @@ class Server:
     ) -> None:
         self.args = args
         self.target = target
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.exchange = f"rango.bench.{bench}.{secrets.token_hex(4)}"
         self.workers = workers or args.workers
+        LOGS.mkdir(parents=True, exist_ok=True)
+        own = {"RANGO_WORKERS": str(self.workers), "LOG_LEVEL": args.log_level}
+        super().__init__(LOGS, f"{bench}-{target.label}", {**own, **(env or {})})
+        self.exchange = f"rango.bench.{bench}.{secrets.token_hex(4)}"
         self.ctx = {
             "port": self.port, "metrics_port": self.metrics_port, "exchange": self.exchange,
             "pubkey": str(ensure_keys()), "amqp_url": args.amqp_url, "workers": self.workers,
         }  # fmt: skip
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("RANGO_", "JWT_"))},
-            "RANGER_HOST": "127.0.0.1",
-            "RANGER_PORT": str(self.port),
-            "RANGO_METRICS_HOST": "127.0.0.1",
-            "RANGO_METRICS_PORT": str(self.metrics_port),
-            "RANGO_WORKERS": str(self.workers),
-            "LOG_LEVEL": args.log_level,
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"{bench}-{target.label}-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self._tcp_since: float | None = None
 
-    def start(self, timeout: float = 60.0) -> Server:
-        argv = self.target.argv(self.ctx)
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            argv, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile,
-        )  # fmt: skip
-        self._wait_ready(timeout)
-        return self
+    def argv(self) -> list[str]:
+        return self.target.argv(self.ctx)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+    def start(self, wait: bool = True, timeout: float = 60.0, **popen: Any) -> Server:
+        return super().start(
+            wait, timeout, stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile, **popen
+        )
 
     def worker_pids(self) -> list[int]:
-        return [pid for pid in tree(self.pid) if pid != self.pid] or [self.pid]
+        return [pid for pid in procfs.descendants(self.pid) if pid != self.pid] or [self.pid]
 
-    def _http(self, path: str) -> tuple[int, bytes]:
-        url = f"http://127.0.0.1:{self.metrics_port}{path}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
-
-    def _wait_ready(self, timeout: float) -> None:
+    def ready(self) -> bool:
         """/ready == 200 on the metrics port; for a target without it, the ws port + 2 s."""
-        deadline = time.monotonic() + timeout
-        tcp_since = None
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited early; see {self.log_path}:\n"
-                    + self.log_path.read_text(errors="replace")[-2000:]
-                )
-            try:
-                if self._http("/ready")[0] == 200:
-                    return
-            except OSError:
-                if self.target.command:
-                    try:
-                        socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                        tcp_since = tcp_since or time.monotonic()
-                        if time.monotonic() - tcp_since > 2.0:
-                            return
-                    except OSError:
-                        pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready after {timeout:.0f} s; see {self.log_path}")
+        try:
+            return self.http("/ready")[0] == 200
+        except OSError:
+            if not self.target.command or not accepts(self.port):
+                return False
+            self._tcp_since = self._tcp_since or time.monotonic()
+            return time.monotonic() - self._tcp_since > 2.0
 
     def metrics(self) -> dict[str, float]:
         """Rango's counters summed over labels (``{}`` for a target without them)."""
         try:
-            status, text = self._http("/metrics")
-        except OSError:
-            return {}
-        if status != 200:
+            status, text = self.http("/metrics")
+            samples = parse_metrics(text) if status == 200 else {}
+        except (OSError, ValueError):
             return {}
         totals: dict[str, float] = {}
-        for line in text.decode(errors="replace").splitlines():
-            if line.startswith("rango_"):
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                with contextlib.suppress(ValueError):
-                    totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        for key, value in samples.items():
+            if key.startswith("rango_"):
+                name = key.partition("{")[0]
+                totals[name] = totals.get(name, 0.0) + value
         return totals
 
     def rss(self) -> dict[str, int]:
-        pids = tree(self.pid)
-        per = {pid: rss_bytes(pid) for pid in pids}
+        per = {pid: rss_bytes(pid) for pid in procfs.descendants(self.pid)}
         return {
             "total": sum(per.values()),
             "supervisor": per.get(self.pid, 0),
             "workers": sum(v for p, v in per.items() if p != self.pid),
         }
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                for pid in reversed(tree(self.pid)):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        delete_exchange(self.args.amqp_url, self.exchange)
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        """SIGTERM, SIGKILL to the whole tree after 30 s; then the run's exchange goes."""
+        code = super().stop(sig, timeout)
+        if self.proc is not None:
+            delete_exchange(self.args.amqp_url, self.exchange)
+        return code
 
 
 def delete_exchange(url: str, exchange: str) -> None:
