@@ -12,41 +12,10 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, settings
 from .config import Config, ConfigError
 
 __all__ = ["config_from_args", "main", "parse_args"]
-
-ENVIRONMENT = """\
-environment (same names and defaults as Ranger and Go Rango):
-  RANGER_HOST, RANGER_PORT        websocket listener (0.0.0.0, 8080)
-  RABBITMQ_HOST, RABBITMQ_PORT    broker (localhost, 5672)
-  RABBITMQ_USER, RABBITMQ_PASSWORD  broker credentials (guest, guest)
-  JWT_PUBLIC_KEY                  base64 of the PEM public key (else --pubKey file)
-  JWT_ALGORITHM                   RS256 (the only algorithm accepted)
-  JWT_ISSUER, JWT_AUDIENCE        checked when set (audience: comma list)
-  JWT_DEFAULT_LEEWAY, JWT_ISSUED_AT_LEEWAY, JWT_EXPIRATION_LEEWAY,
-  JWT_NOT_BEFORE_LEEWAY           clock leeways in seconds (0)
-  API_CORS_ORIGINS                allowed Origin hosts/URLs, comma list (same host)
-  RANGO_RBAC_<PREFIX>             roles allowed on <prefix>.*.* streams, comma list
-  LOG_LEVEL                       debug, info, warn, error (info)
-  LOG_FORMAT                      text or json (text)
-Rango's own:
-  RANGO_METRICS_HOST, RANGO_METRICS_PORT  Prometheus endpoint (0.0.0.0, 4242)
-  RANGO_EXCHANGE                  exchange when --exchange is not given (peatio.events.ranger)
-  RANGO_WORKERS                   worker processes (CPUs usable by the process)
-  RANGO_MAX_FRAME_SIZE            largest client frame in bytes (4096)
-  RANGO_MAX_PENDING_BYTES         unread bytes before a slow client is dropped (4194304)
-  RANGO_MAX_INCREMENTS            stored order-book increments per book (10000)
-  RANGO_PING_INTERVAL             seconds of silence before a ping (54)
-  RANGO_PING_TIMEOUT              seconds to answer a ping (6)
-  RANGO_HANDSHAKE_TIMEOUT         seconds to finish the upgrade request (10)
-  RANGO_MAX_CONNECTIONS           connections per worker before HTTP 503 (50000)
-  RANGO_MAX_SUBSCRIPTIONS         streams per connection (1024)
-  RANGO_RATE_LIMIT, RANGO_RATE_BURST  client frames per second and burst (20, 100)
-  RANGO_MAX_EVENT_SIZE            largest event body in bytes (8388608)
-  RANGO_TLS_CERTFILE, RANGO_TLS_KEYFILE  serve wss:// (or --certfile, --keyfile)
-"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rango",
         description="Websocket gateway for exchanges: events from a RabbitMQ topic "
         "exchange to the websocket clients subscribed to them.",
-        epilog=ENVIRONMENT,
+        epilog=settings.help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rango {__version__}")
@@ -67,46 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of the run command (Go Rango's names, with single-dash aliases)."""
-    parser.add_argument(
-        "--ws-addr", "-ws-addr", dest="ws_addr", metavar="HOST:PORT",
-        help="websocket listener (overrides RANGER_HOST and RANGER_PORT)",
-    )
-    parser.add_argument(
-        "--amqp-addr", "-amqp-addr", dest="amqp_addr", metavar="URL",
-        help="RabbitMQ URL, e.g. amqp://guest:guest@localhost:5672/ (overrides RABBITMQ_*)",
-    )
-    parser.add_argument(
-        "--pubKey", "-pubKey", "--pub-key", dest="pub_key", metavar="FILE",
-        help="PEM public key file, used when JWT_PUBLIC_KEY is unset "
-        "(default: config/rsa-key.pub)",
-    )
-    parser.add_argument(
-        "--exchange", "-exchange", dest="exchange", metavar="NAME",
-        help="topic exchange of the events (default: RANGO_EXCHANGE, else peatio.events.ranger)",
-    )
-    parser.add_argument(
-        "--certfile", dest="certfile", metavar="FILE",
-        help="serve wss:// with this PEM certificate chain (RANGO_TLS_CERTFILE)",
-    )
-    parser.add_argument(
-        "--keyfile", dest="keyfile", metavar="FILE",
-        help="private key of --certfile, if not in it (RANGO_TLS_KEYFILE)",
-    )
-    parser.add_argument(
-        "--workers", "-workers", dest="workers", type=_workers, metavar="N",
-        help="worker processes (default: RANGO_WORKERS, else the CPUs usable)",
-    )
+    """The flags of the run command (Go Rango's names, with single-dash aliases).
 
-
-def _workers(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if not 1 <= number <= 256:
-        raise argparse.ArgumentTypeError("must be from 1 to 256")
-    return number
+    Their spellings, help and checks are :data:`rango.settings.FLAGS`, so a flag
+    and the variable it overrides accept the same values.
+    """
+    for flag in settings.FLAGS:
+        parser.add_argument(
+            *flag.spellings,
+            dest=flag.dest,
+            metavar=flag.metavar,
+            type=settings.flag_type(flag),
+            help=settings.flag_help(flag),
+        )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,15 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return Config.from_env(
-        ws_addr=args.ws_addr,
-        amqp_addr=args.amqp_addr,
-        pub_key=args.pub_key,
-        exchange=args.exchange,
-        workers=args.workers,
-        certfile=args.certfile,
-        keyfile=args.keyfile,
-    )
+    """The config of the environment with the run flags of ``args`` on top."""
+    return Config.from_env(**{flag.dest: getattr(args, flag.dest) for flag in settings.FLAGS})
 
 
 def main(argv: list[str] | None = None) -> int:
