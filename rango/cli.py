@@ -14,6 +14,7 @@ import sys
 
 from . import __version__, settings
 from .config import Config, ConfigError
+from .contract import config_error
 
 __all__ = ["config_from_args", "main", "parse_args"]
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except ConfigError as exc:
-        print(f"rango: {exc}", file=sys.stderr)
-        return 2
+        return config_error(exc)
     from .logs import setup_logging
     from .supervisor import run
 

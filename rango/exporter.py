@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+from typing import cast
 
 from .config import LOG_LEVELS, ConfigError, EnvReader
 from .contract import ENV_METRICS_DIR, METRICS_LISTENER, Exit, cannot_listen, config_error, run_loop
@@ -44,9 +45,9 @@ def main() -> int:
 
     reader = EnvReader(os.environ)
     try:
-        host = reader.str("RANGO_METRICS_HOST", "0.0.0.0")
-        port = reader.port("RANGO_METRICS_PORT", 4242)
-        directory = reader.str(ENV_METRICS_DIR, "")
+        host = str(reader.setting("RANGO_METRICS_HOST"))
+        port = cast(int, reader.setting("RANGO_METRICS_PORT"))  # the row parses a port
+        directory = str(reader.setting(ENV_METRICS_DIR) or "")
         if not directory:
             raise ConfigError(f"{ENV_METRICS_DIR}: must name the workers' metrics directory")
         try:
@@ -57,8 +58,12 @@ def main() -> int:
             ) from None
     except ConfigError as exc:
         return config_error(exc, PROG)
-    level = LOG_LEVELS.get(reader.str("LOG_LEVEL", "info").lower(), LOG_LEVELS["info"])
-    setup_logging(level, reader.str("LOG_FORMAT", "text"), "exporter")
+    try:
+        level = LOG_LEVELS[str(reader.setting("LOG_LEVEL"))]
+        fmt = str(reader.setting("LOG_FORMAT"))
+    except ConfigError as exc:
+        return config_error(exc, PROG)
+    setup_logging(level, fmt, "exporter")
     # The exporter's own registry is separate; it must not write multiprocess files.
     os.environ.pop(ENV_METRICS_DIR, None)
     try:

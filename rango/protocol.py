@@ -15,7 +15,6 @@ from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
-from .frames import PING  # noqa: F401  # TODO(arch): tests import it from here until they move
 from .frames import encode as text_frame
 
 __all__ = [

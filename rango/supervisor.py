@@ -49,6 +49,7 @@ from .contract import (
     worker_command,
     worker_env,
 )
+from .settings import tcp_migrate_req
 
 __all__ = ["Supervisor"]
 
@@ -373,7 +374,7 @@ def _enable_listener_migration() -> None:
     connections waiting in a draining worker's accept queue are reset when it
     stops listening. Set ``RANGO_TCP_MIGRATE_REQ=0`` to leave the sysctl alone.
     """
-    if os.environ.get("RANGO_TCP_MIGRATE_REQ", "1") == "0":
+    if not tcp_migrate_req():
         return
     try:
         with open(MIGRATE_REQ) as f:

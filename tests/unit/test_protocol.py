@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
+from rango.frames import PING
 from rango.protocol import (
     MAX_STREAM_NAME,
     MAX_STREAMS_PER_REQUEST,
-    PING,
     PONG,
     ClientError,
     Kind,
