@@ -13,6 +13,12 @@ through its environment:
 ``RANGO_STATUS_FD``
     A pipe on which the worker reports its :class:`Status`, one word a line, so
     that a rolling restart knows when a new worker can take over.
+``RANGO_SUPERVISOR_PID``
+    The supervisor's pid. A worker whose parent is no longer that process
+    (the supervisor was killed: ``kill -9``, the OOM killer, a container
+    runtime) drains and exits as on SIGTERM, so that no worker outlives it
+    holding clients and the port. Workers started otherwise (supervisord, a
+    shell) get no such variable and never watch their parent.
 
 A worker exits with :attr:`Exit.OK` after a drain and :attr:`Exit.CONFIG` when
 a setting cannot be used (the supervisor then stops instead of restarting a
@@ -36,6 +42,7 @@ __all__ = [
     "ENV_MANAGED",
     "ENV_METRICS_DIR",
     "ENV_STATUS_FD",
+    "ENV_SUPERVISOR_PID",
     "METRICS_LISTENER",
     "WS_LISTENER",
     "Exit",
@@ -53,6 +60,7 @@ __all__ = [
 ENV_INDEX = "RANGO_WORKER_INDEX"
 ENV_MANAGED = "RANGO_WORKER_MANAGED"
 ENV_STATUS_FD = "RANGO_STATUS_FD"
+ENV_SUPERVISOR_PID = "RANGO_SUPERVISOR_PID"
 ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name
 
 WORKER_MODULE = "workers.worker"
@@ -86,20 +94,30 @@ class Placement(NamedTuple):
     managed: bool
     status_fd: int
     metrics_dir: str | None
+    supervisor: int  #: the pid whose death ends this worker, 0 for none
 
     @classmethod
     def from_env(cls) -> Placement:
         env = os.environ
-        try:
-            fd = int(env.get(ENV_STATUS_FD, "") or -1)
-        except ValueError:
-            fd = -1  # not a supervisor's value: nobody to report to
         return cls(
             env.get(ENV_INDEX, "0") or "0",
             env.get(ENV_MANAGED) == "1",
-            fd,
+            _number(env.get(ENV_STATUS_FD), -1),
             env.get(ENV_METRICS_DIR) or None,
+            _number(env.get(ENV_SUPERVISOR_PID), 0),
         )
+
+    def orphaned(self) -> bool:
+        """True once the supervisor that started this worker is gone (it was reparented)."""
+        return self.supervisor > 0 and os.getppid() != self.supervisor
+
+
+def _number(value: str | None, default: int) -> int:
+    """A supervisor's numeric variable; anything else means there is no supervisor."""
+    try:
+        return int(value or default)
+    except ValueError:
+        return default
 
 
 def worker_command(argv: list[str]) -> list[str]:
@@ -115,6 +133,7 @@ def worker_env(index: int, status_fd: int, metrics_dir: str) -> dict[str, str]:
         ENV_MANAGED: "1",
         ENV_STATUS_FD: str(status_fd),
         ENV_METRICS_DIR: metrics_dir,
+        ENV_SUPERVISOR_PID: str(os.getpid()),
     }
 
 

@@ -15,6 +15,7 @@ iteration.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -44,6 +45,9 @@ log = logging.getLogger("rango.worker")
 
 # Seconds clients get to answer the 1001 close frame when the worker stops.
 DRAIN_TIMEOUT = 5.0
+# How often a supervised worker checks that its supervisor is still its parent.
+# A pid comparison is two cheap syscalls; 0.25 s keeps the promise of "within 1 s".
+ORPHAN_CHECK = 0.25
 
 
 class Worker:
@@ -140,15 +144,50 @@ class Worker:
 
 
 async def serve(config: Config, placement: Placement) -> None:
-    """Run one worker until SIGTERM or SIGINT, then drain and return."""
+    """Run one worker until SIGTERM, SIGINT or its supervisor's death, then drain."""
     worker = Worker(config, placement)
     await worker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = None
+    if placement.supervisor:
+        watch = asyncio.create_task(_watch_supervisor(placement, stop))
     await stop.wait()
+    if watch is not None:
+        watch.cancel()
     await worker.stop()
+    if placement.orphaned() and placement.metrics_dir:
+        _forget_metrics(placement.metrics_dir)
+
+
+async def _watch_supervisor(placement: Placement, stop: asyncio.Event) -> None:
+    """Set ``stop`` when the supervisor is gone.
+
+    The parent pid is polled (as gunicorn's workers do) rather than asking for
+    PR_SET_PDEATHSIG: that signal fires when the forking *thread* exits, needs
+    ctypes, and is lost if the supervisor died before the worker asked for it;
+    a changed parent pid is certain whatever killed the supervisor.
+    """
+    while not placement.orphaned():
+        await asyncio.sleep(ORPHAN_CHECK)
+    log.warning("supervisor (pid %d) is gone: draining and exiting", placement.supervisor)
+    stop.set()
+
+
+def _forget_metrics(directory: str) -> None:
+    """Remove this process's metrics files; the last worker out removes the directory.
+
+    Normally the supervisor does this when it sees a worker exit; a worker that
+    outlived its supervisor cleans up after itself so nothing is left in /tmp.
+    """
+    own = (f"_{os.getpid()}.db", f"worker-{Placement.from_env().label}.pid")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(directory):
+            if name.endswith(own):
+                os.unlink(os.path.join(directory, name))
+        os.rmdir(directory)  # only once empty: other workers may still be draining
 
 
 def main(argv: list[str] | None = None) -> int:
