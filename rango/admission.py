@@ -92,6 +92,16 @@ class Admission:
         self.config = config
         self.authenticator = authenticator or Authenticator(config)
         self._limited = RateLimited(log, interval=1.0)
+        # Upgraded connections admitted at once: RANGO_MAX_CONNECTIONS, or fewer
+        # when the file-descriptor limit allows fewer (see bound_by_descriptors).
+        self.capacity = config.max_connections
+        self._bound = "RANGO_MAX_CONNECTIONS"
+
+    def bound_by_descriptors(self, room: int) -> None:
+        """Admit at most ``room`` connections when that is below RANGO_MAX_CONNECTIONS."""
+        if room < self.capacity:
+            self.capacity = room
+            self._bound = "the file-descriptor limit (RLIMIT_NOFILE)"
 
     def check(
         self,
@@ -105,11 +115,10 @@ class Admission:
 
         ``origin`` or ``host`` is :data:`MULTIPLE` when the request had several.
         """
-        config = self.config
-        if clients >= config.max_connections:
+        if clients >= self.capacity:
             self._limited.log(
-                logging.WARNING, "503", "refusing connections: %d open, RANGO_MAX_CONNECTIONS=%d",
-                clients, config.max_connections,
+                logging.WARNING, "503", "refusing connections: %d open, the most %s allows",
+                clients, self._bound,
             )
             return Verdict(503, "Too many connections", ANONYMOUS)
         path = urlsplit(target).path

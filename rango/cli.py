@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -71,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
     except ConfigError as exc:
         return config_error(exc)
+    from .limits import raise_nofile
     from .logs import setup_logging
     from .supervisor import run
 
     setup_logging(config.log_level_no, config.log_format, "supervisor")
+    fds = raise_nofile()  # the workers inherit it, and each says what it allows
+    if fds.soft != fds.before:
+        logging.getLogger("rango.supervisor").info(
+            "file-descriptor limit %d (raised from %d)", fds.soft, fds.before)
     workers = config.workers or len(os.sched_getaffinity(0))
     return run(config, argv, workers)
 

@@ -35,6 +35,7 @@ from .contract import (
     run_loop,
 )
 from .hub import Drop, DropReason, Hub
+from .limits import raise_nofile
 from .logs import RateLimited
 from .metrics import Metrics, serve_http, write_pid_file
 from .server import Server
@@ -69,10 +70,27 @@ class Worker:
             observer=self.metrics,
         )
         self.server = Server(config, self.hub, self.metrics)
+        self._bound_connections()
         self.consumer = Consumer(config.amqp_url, config.exchange, self.on_event, self.on_state)
         self._drops = RateLimited(log, interval=10.0)
         self._http: asyncio.AbstractServer | None = None
         self._syncer: asyncio.Task[None] | None = None
+
+    def _bound_connections(self) -> None:
+        """Raise the descriptor limit; bound the connections by what it allows."""
+        fds = raise_nofile()
+        room = fds.room()
+        raised = f" (raised from {fds.before})" if fds.soft != fds.before else ""
+        log.info("worker %s: file-descriptor limit %d%s, room for %d connections", self.name,
+                 fds.soft, raised, room)
+        if room < self.config.max_connections:
+            log.warning(
+                "worker %s: RANGO_MAX_CONNECTIONS=%d cannot be reached: the file-descriptor "
+                "limit (hard %d) leaves room for %d; more are refused with 503 (raise it: "
+                "ulimit -n, LimitNOFILE=, supervisord's minfds)",
+                self.name, self.config.max_connections, fds.hard, room,
+            )
+            self.server.admission.bound_by_descriptors(room)
 
     def on_event(self, routing_key: str | bytes, body: bytes) -> None:
         """One delivery: route it, or count and log why it was dropped."""
