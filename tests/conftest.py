@@ -13,16 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import AMQP_URL, REPO  # noqa: F401 - shim, below
-from support.answers import recv_json  # noqa: F401 - shim, below
-from support.broker import BROKER, Publisher, TcpProxy, unique  # noqa: F401 - shim, below
-from support.gateway import Rango, free_port  # noqa: F401 - shim, below
-from support.polling import wait_for  # noqa: F401 - shim, below
-from support.tokens import UID, KeyPair  # noqa: F401 - shim, below
-
-# Shim until test_config, test_failures_config, test_tools, test_demo (and test_settings)
-# move: they import AMQP_URL, REPO, UID, free_port, recv_json, unique, Rango and wait_for
-# from conftest. Other tests import from support.
+from support.broker import BROKER, Publisher, TcpProxy
+from support.gateway import Rango
+from support.tokens import KeyPair
 
 
 @pytest.fixture(scope="session")

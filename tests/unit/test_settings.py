@@ -15,7 +15,7 @@ from rango import cli, settings
 from rango.config import Config, ConfigError, EnvReader
 from rango.settings import FLAGS, SETTINGS
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def configuration_section() -> str:

@@ -9,7 +9,7 @@ import signal
 import socket
 
 import pytest
-from conftest import Rango
+from support.gateway import Rango
 
 # A log record as rango.logs formats it (text format): "2026-01-01 12:00:00 LEVEL ...".
 LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")

@@ -9,8 +9,10 @@ from typing import Any
 
 import orjson
 import pytest
-from clients import REPO, Browser, Lines, chromium_path, page_url, serve_directory
-from conftest import AMQP_URL, UID, recv_json
+from support import AMQP_URL, REPO
+from support.answers import recv_json
+from support.clients import Browser, Lines, chromium_path, page_url, serve_directory
+from support.tokens import UID
 
 from rango.tools import parse_event
 

@@ -18,8 +18,12 @@ import jwt
 import orjson
 import pika
 import pytest
-from conftest import AMQP_URL, REPO, UID, free_port, recv_json, unique
 from cryptography.hazmat.primitives import serialization
+from support import AMQP_URL, REPO
+from support.answers import recv_json
+from support.broker import unique
+from support.gateway import free_port
+from support.tokens import UID
 from websockets.exceptions import InvalidStatus
 
 from rango.config import load_public_key_pem
