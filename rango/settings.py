@@ -314,16 +314,33 @@ def _amqp_url(row: Setting, source: Source) -> str:
     host = row.value(source)
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"  # an IPv6 address in a URL (RFC 3986 3.2.2)
-    return "amqp://{}:{}@{}:{}/".format(
+    url = "amqp://{}:{}@{}:{}/".format(
         quote(source.value("RABBITMQ_USER"), safe=""),
         quote(source.value("RABBITMQ_PASSWORD"), safe=""),
         host,
         source.value("RABBITMQ_PORT"),
     )
+    _check_with_pika(url, row.name, row.value(source))
+    return url
+
+
+def _check_with_pika(url: str, name: str, shown: str) -> None:
+    """Parse ``url`` as the workers will, so that a value pika refuses stops start-up here
+    (once, exit status 2) rather than in every worker (a restart loop). ``shown`` is what
+    the message quotes: never the credentials."""
+    import pika
+
+    try:
+        pika.URLParameters(url)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {shown!r} is not usable: {exc}") from None
 
 
 def _check_amqp_url(url: str, name: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise ConfigError(f"{name}: {url!r} is not a URL: {exc}") from None
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ConfigError(f"{name}: {url!r} is not an amqp:// or amqps:// URL")
     try:
@@ -332,6 +349,7 @@ def _check_amqp_url(url: str, name: str) -> str:
         raise ConfigError(f"{name}: {url!r} has an invalid port") from None
     if port_number == 0:
         raise ConfigError(f"{name}: {url!r} has an invalid port")
+    _check_with_pika(url, name, url)
     return url
 
 

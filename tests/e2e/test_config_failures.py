@@ -37,6 +37,8 @@ CASES = [
     ("pubkey-missing", {}, ["--pubKey", "/nonexistent/rsa-key.pub"], ["--pubKey"]),
     ("amqp-addr-scheme", {}, ["--amqp-addr", "http://127.0.0.1:5672/"], ["--amqp-addr"]),
     ("amqp-addr-port", {}, ["--amqp-addr", "amqp://127.0.0.1:99999/"], ["--amqp-addr"]),
+    # pika could not parse these: each worker died with a traceback, restarted forever.
+    ("amqp-addr-bracket", {}, ["--amqp-addr", "amqp://127.0.0.1:5672@[::1/"], ["--amqp-addr"]),
     ("jwt-algorithm-hmac", {"JWT_ALGORITHM": "HS256"}, [], ["JWT_ALGORITHM", "HS256"]),
     ("jwt-algorithm-unknown", {"JWT_ALGORITHM": "RS999"}, [], ["JWT_ALGORITHM", "RS999"]),
 ]

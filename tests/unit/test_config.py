@@ -366,3 +366,13 @@ def test_ed25519_key_loads() -> None:
     pem = public_pem(ed25519.Ed25519PrivateKey.generate())
     env = {"JWT_PUBLIC_KEY": base64.b64encode(pem).decode(), "JWT_ALGORITHM": "EdDSA"}
     assert Config.from_env(env).jwt_public_key == pem
+
+
+@pytest.mark.parametrize("host", ["[::1", "[zz]"])
+def test_rabbitmq_host_pika_cannot_parse_names_the_variable(
+    host: str, env: dict[str, str]
+) -> None:
+    """Checked at start-up as the workers' pika will parse it (no worker restart loop)."""
+    message = config_error({**env, "RABBITMQ_HOST": host, "RABBITMQ_PASSWORD": "s3cret"})
+    assert message.startswith("RABBITMQ_HOST: "), message
+    assert "s3cret" not in message
