@@ -35,7 +35,8 @@ RANGO_COMMAND = [sys.executable, "-m", "rango.cli"]
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def accepts(port: int) -> bool:

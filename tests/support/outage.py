@@ -63,11 +63,10 @@ def first_marker(
             due += every
         try:
             frame = recv_json(ws, timeout=max(0.005, due - time.monotonic()))
+            break
         except TimeoutError:
             assert time.monotonic() < deadline, failure
-            continue
-        arrived = time.monotonic()
-        break
+    arrived = time.monotonic()
     assert list(frame) == [stream] and "marker" in frame[stream], frame
     last = frame[stream]["marker"]
     # Later markers may still be in flight: a sentinel marks the end of them.
