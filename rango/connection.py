@@ -233,8 +233,6 @@ class Connection:
         """The TCP connection is gone: leave the hub, drop what was not written."""
         if self.registered:
             self._leave_hub()
-            log.debug("client gone (%s), %d subscriptions", self.auth.uid or "anonymous",
-                      len(self.subscriptions))
         self.pending = None
 
     def tick(self, now: float) -> bool:
@@ -314,8 +312,13 @@ class Connection:
         self._send_protocol_data()
 
     def _leave_hub(self) -> None:
-        """Unsubscribe from everything; the hub's current run is pushed first."""
+        """Unsubscribe from everything; the hub's current run is pushed first.
+
+        Called once per registered connection, whichever side closes first.
+        """
         self.registered = False
+        log.debug("client gone (%s), %d subscriptions", self.auth.uid or "anonymous",
+                  len(self.subscriptions))
         self.gateway.hub.disconnect(self)
 
     def _send_protocol_data(self) -> None:

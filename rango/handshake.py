@@ -11,7 +11,7 @@ body, a malformed line, a wrong method or version) makes :func:`parse` return
 :class:`~websockets.server.ServerProtocol`, which answers it the way it always
 has (400, 405, 426, 505 …). The fast path therefore only ever *accepts*: for
 every request it accepts, websockets would have accepted it too, with the same
-``Sec-WebSocket-Accept``, path and header values (``tests/test_handshake.py``
+``Sec-WebSocket-Accept``, path and header values (``tests/unit/test_handshake.py``
 checks this with Hypothesis against websockets itself).
 """
 

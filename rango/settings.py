@@ -12,7 +12,7 @@ overrides it. Everything else is derived from the table, so that nothing drifts:
   and argparse type of each run flag come from :data:`FLAGS` (:func:`flag_help`,
   :func:`flag_type`), so ``--workers`` and ``RANGO_WORKERS`` share one check;
 * README's configuration table is :func:`markdown` (``python -m rango.settings
-  --markdown`` prints it; ``tests/test_settings.py`` fails when README differs).
+  --markdown`` prints it; ``tests/unit/test_settings.py`` fails when README differs).
 
 A new simple setting needs only a new row (plus the code that uses its value).
 Settings that are more than one scalar (the AMQP URL, the JWT key, the TLS pair,
@@ -63,7 +63,20 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A setting has a value Rango cannot start with; the message names it."""
+    """A setting has a value Rango cannot start with; the message names it.
+
+    The message is one line: a value quoted in it is cut in its middle when the
+    line would run past :attr:`MAX_LENGTH` (a 100 KB variable must not flood a log).
+    """
+
+    MAX_LENGTH = 240
+
+    def __init__(self, message: str) -> None:
+        message = " ".join(message.splitlines())
+        if len(message) > self.MAX_LENGTH:
+            keep = self.MAX_LENGTH // 2 - 2
+            message = f"{message[:keep]} … {message[-keep:]}"
+        super().__init__(message)
 
 
 class Invalid(ValueError):
@@ -123,6 +136,16 @@ def number(row: Setting, raw: str) -> float:
     if not minimum <= value < _NUMBER_CEILING:
         raise Invalid(f"{value} is out of range (at least {minimum})")
     return value
+
+
+def _utf8(raw: str) -> str:
+    """``raw`` itself when it is text; os.environ and argv carry bytes that are not
+    UTF-8 as lone surrogates (PEP 383), which no parser below expects."""
+    try:
+        raw.encode()
+    except UnicodeEncodeError:
+        raise Invalid(f"{raw!r} is not UTF-8 text") from None
+    return raw
 
 
 def text(row: Setting, raw: str) -> str:
@@ -217,7 +240,7 @@ class Setting:
         if not raw:
             return self.default
         try:
-            return self.parse(self, raw)
+            return self.parse(self, _utf8(raw))
         except Invalid as exc:
             raise ConfigError(f"{self.name}: {exc}") from None
 
@@ -231,6 +254,8 @@ class Setting:
         if self.flag is None or given is None:
             return self.value(source)
         try:
+            if isinstance(given, str):
+                _utf8(given)
             if self.from_flag is not None:
                 return self.from_flag(str(given), self.flag.name)
             # argparse converted a number flag with this row's parser already; a
@@ -332,7 +357,8 @@ def _check_with_pika(url: str, name: str, shown: str) -> None:
 
     try:
         pika.URLParameters(url)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
+        # TypeError: pika indexes what urlsplit gave as None (a path of lone "%").
         raise ConfigError(f"{name}: {shown!r} is not usable: {exc}") from None
 
 
