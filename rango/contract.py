@@ -9,7 +9,7 @@ through its environment:
 ``RANGO_WORKER_MANAGED=1``
     Metrics are served by the supervisor (or the exporter) from
     ``PROMETHEUS_MULTIPROC_DIR``: the worker does not listen on the metrics
-    port itself and writes ``worker-<index>.pid`` there.
+    port itself and writes ``worker-<index>.<pid>.pid`` there.
 ``RANGO_STATUS_FD``
     A pipe on which the worker reports its :class:`Status`, one word a line, so
     that a rolling restart knows when a new worker can take over.

@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import Metric
 
 from .hub import Hub, Observer
 
-__all__ = ["Exporter", "Metrics", "serve_http", "write_pid_file"]
+__all__ = ["Exporter", "Metrics", "pid_file_name", "serve_http", "write_pid_file"]
 
 log = logging.getLogger("rango.metrics")
 
@@ -178,16 +178,22 @@ async def serve_http(
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-_PID_FILE = re.compile(r"^worker-(\d+)\.pid$")
+_PID_FILE = re.compile(r"^worker-(\d+)\.(\d+)\.pid$")
 _DB_FILE = re.compile(r"_(\d+)\.db$")
 
 
+def pid_file_name(worker: str, pid: int) -> str:
+    """``worker-<index>.<pid>.pid``: one file per process, not per slot, so that a
+    worker draining during a rolling restart stays in the ``process_*`` sums beside
+    its successor until it exits."""
+    return f"worker-{worker}.{pid}.pid"
+
+
 def write_pid_file(directory: str, worker: str) -> None:
-    """Record which pid serves worker ``worker``, for the per-worker breakdown."""
-    path = os.path.join(directory, f"worker-{worker}.pid")
-    with open(path + ".tmp", "w") as f:
-        f.write(str(os.getpid()))
-    os.replace(path + ".tmp", path)
+    """Record that this process serves worker ``worker``, for the ``process_*`` series."""
+    path = os.path.join(directory, pid_file_name(worker, os.getpid()))
+    with open(path, "w"):
+        pass  # the name says it all; an empty file is never half-written
 
 
 def _proc_stats(pid: int) -> tuple[float, float, float, float] | None:
@@ -279,20 +285,23 @@ class Exporter:
         self.registry.register(self)
         self._dead: set[int] = set()
 
-    def workers(self) -> dict[str, int]:
-        """Live worker pids by worker index, from the pid files the workers write."""
+    def workers(self) -> dict[int, str]:
+        """Worker index by live pid, from the pid files the workers write.
+
+        An index can have two processes: the one draining in a rolling restart
+        and its successor. Files of processes that are gone are removed.
+        """
         found = {}
         for name in os.listdir(self.directory):
             match = _PID_FILE.match(name)
             if match is None:
                 continue
-            try:
-                with open(os.path.join(self.directory, name)) as f:
-                    pid = int(f.read().strip() or 0)
-            except (OSError, ValueError):
-                continue
-            if pid and _alive(pid):
-                found[match.group(1)] = pid
+            pid = int(match.group(2))
+            if _alive(pid):
+                found[pid] = match.group(1)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, name))
         return found
 
     def wipe_dead(self) -> None:
@@ -332,15 +341,19 @@ class Exporter:
         )
         fds = GaugeMetricFamily("rango_worker_open_fds", "Open fds per process", labels=["worker"])
         totals = [0.0, 0.0, 0.0, 0.0]
-        processes = {self.name: os.getpid(), **self.workers()}
-        for worker, pid in processes.items():
+        # One sample per worker index: a draining process and its successor add up.
+        per_worker: dict[str, list[float]] = {}
+        for pid, worker in {os.getpid(): self.name, **self.workers()}.items():
             stats = _proc_stats(pid)
             if stats is None:
                 continue
-            rss.add_metric([worker], stats[0])
-            cpu.add_metric([worker], stats[1])
-            fds.add_metric([worker], stats[2])
+            mine = per_worker.setdefault(worker, [0.0, 0.0, 0.0, 0.0])
+            mine[:] = [a + b for a, b in zip(mine, stats, strict=True)]
             totals = [a + b for a, b in zip(totals, stats, strict=True)]
+        for worker, (resident, seconds, open_fds, _virtual) in per_worker.items():
+            rss.add_metric([worker], resident)
+            cpu.add_metric([worker], seconds)
+            fds.add_metric([worker], open_fds)
         yield GaugeMetricFamily(
             "process_resident_memory_bytes", "Resident memory of all Rango processes", totals[0]
         )
@@ -361,7 +374,7 @@ class Exporter:
 
     def ready(self) -> bool:
         """True when every live worker consumes from RabbitMQ (and there is one)."""
-        workers = self.workers()
+        workers = set(self.workers().values())
         if not workers:
             return False
         self.prune()

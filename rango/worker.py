@@ -37,7 +37,7 @@ from .contract import (
 from .hub import Drop, DropReason, Hub
 from .limits import raise_nofile
 from .logs import RateLimited
-from .metrics import Metrics, serve_http, write_pid_file
+from .metrics import Metrics, pid_file_name, serve_http, write_pid_file
 from .server import Server
 
 __all__ = ["DRAIN_TIMEOUT", "Worker", "main", "serve"]
@@ -200,7 +200,7 @@ def _forget_metrics(directory: str) -> None:
     Normally the supervisor does this when it sees a worker exit; a worker that
     outlived its supervisor cleans up after itself so nothing is left in /tmp.
     """
-    own = (f"_{os.getpid()}.db", f"worker-{Placement.from_env().label}.pid")
+    own = (f"_{os.getpid()}.db", pid_file_name(Placement.from_env().label, os.getpid()))
     with contextlib.suppress(OSError):
         for name in os.listdir(directory):
             if name.endswith(own):

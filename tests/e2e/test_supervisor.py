@@ -28,6 +28,7 @@ from support.procfs import alive, cpu_seconds, socket_owners, worker_index
 from websockets.sync.client import connect as sync_connect
 
 TWO = {"RANGO_WORKERS": "2"}
+FDS = "rango_worker_open_fds"
 
 
 def two_workers(rango_factory: Any) -> tuple[Rango, list[int]]:
@@ -413,3 +414,40 @@ def test_rolling_restart_keeps_the_old_worker_when_the_new_one_cannot_start(
         ws.recv(timeout=5)
         publisher.publish(f"public.{stream}", {"n": 2})
         assert ws.recv(timeout=5) == f'{{"{stream}":{{"n":2}}}}'
+
+
+def test_a_draining_worker_stays_in_the_process_sums(rango_factory):
+    """During a rolling restart the old worker drains beside its successor: both are
+    counted in ``process_*`` and in their index's breakdown until the old one exits.
+
+    Silent clients (they never answer the close frame) keep the old worker draining
+    for its whole drain timeout, so the moment is seconds long, not a race.
+    """
+    from support.procfs import open_fds
+    from support.wire import RawClient
+
+    rango = rango_factory(env={"RANGO_WORKERS": "1"})
+    old = wait_for(lambda: rango.worker_pids(), 10, "a worker")[0]
+    wait_for(rango.ready, 10, "ready")
+    silent = [RawClient(rango.port) for _ in range(40)]
+    try:
+        assert {c.status for c in silent} == {101}
+        rango.send_signal(signal.SIGHUP)
+        # The old worker drains once its successor listens.
+        wait_for(lambda: "worker 0 draining" in rango.log(), 20, "the old worker draining")
+        new = next(p for p in rango.worker_pids() if p != old)
+        assert alive(old)
+        metrics = scrape(rango.metrics_port)
+        both = open_fds(old) + open_fds(new)
+        assert alive(old), "the old worker exited during the scrape: drain too short"
+        index_0 = [v for labels, v in samples(metrics, "rango_worker_open_fds")
+                   if labels["worker"] == "0"]  # fmt: skip
+        assert index_0 and index_0[0] >= both - 5, (index_0, open_fds(old), open_fds(new))
+        assert open_fds(old) > 40  # the silent clients: the old worker is what is counted
+    finally:
+        for client in silent:
+            client.sock.close()
+    wait_for(lambda: not alive(old), 15, "the old worker gone")
+    metrics = scrape(rango.metrics_port)
+    after = [v for labels, v in samples(metrics, FDS) if labels["worker"] == "0"]
+    assert after and after[0] < 40, after

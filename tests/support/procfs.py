@@ -225,3 +225,11 @@ def cpu_pressure_us() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def open_fds(pid: int) -> int:
+    """How many descriptors ``pid`` has open (0 once it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
