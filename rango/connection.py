@@ -81,6 +81,8 @@ class Events(Protocol):
 
     def slow_client(self) -> None: ...
 
+    def accept_failed(self, reason: str) -> None: ...
+
 
 ConnT = TypeVar("ConnT", bound="Connection")
 

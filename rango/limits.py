@@ -5,8 +5,8 @@ of 1024, far below ``RANGO_MAX_CONNECTIONS``. Like the Go runtime, Rango raises
 its soft limit to the hard one at start; then it knows how many connections the
 descriptors allow, says so when RANGO_MAX_CONNECTIONS cannot be reached, and
 refuses upgrades past it with the same 503 as the connection cap. Without that
-bound the event loop would run out of descriptors in ``accept()``, where libuv
-closes the queued connections unanswered.
+bound the worker would run out of descriptors in ``accept()``; what it does
+then is in :mod:`rango.listener`.
 """
 
 from __future__ import annotations

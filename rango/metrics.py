@@ -58,6 +58,11 @@ CLIENTS_CLOSED = Counter(
     "Clients closed by the server, by reason (rate_limit, keepalive_timeout)",
     ["reason"],
 )
+ACCEPT_FAILURES = Counter(
+    "rango_accept_failures",
+    "accept() calls that failed, by errno name (EMFILE, ENFILE: out of descriptors)",
+    ["reason"],
+)
 AMQP_CONNECTED = Gauge(
     "rango_amqp_connected",
     "1 while the worker consumes from RabbitMQ, else 0",
@@ -110,6 +115,9 @@ class Metrics(Observer):
 
     def rejected(self, status: int) -> None:
         CONNECTIONS_REJECTED.labels(str(status)).inc()
+
+    def accept_failed(self, reason: str) -> None:
+        ACCEPT_FAILURES.labels(reason).inc()
 
     def sync(self, hub: Hub) -> None:
         """Copy the hub's hot-path counters and gauges into Prometheus (about once a second)."""

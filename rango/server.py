@@ -28,6 +28,7 @@ from .admission import MAX_REQUEST_SIZE
 from .config import Config
 from .connection import Connection, Events, Gateway
 from .hub import Hub
+from .listener import Listener, open_sockets
 
 __all__ = ["Server", "ServerConnection"]
 
@@ -65,9 +66,13 @@ class ServerConnection(Connection, asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.gateway.connections.discard(self)
+        gateway = self.gateway
+        gateway.connections.discard(self)
         self.lost()
         self.transport = None
+        listener = gateway.listener
+        if listener is not None and listener.paused:
+            listener.freed()  # a descriptor is free again (EMFILE)
 
 
 class Server(Gateway[ServerConnection]):
@@ -76,7 +81,7 @@ class Server(Gateway[ServerConnection]):
     def __init__(self, config: Config, hub: Hub, events: Events) -> None:
         super().__init__(config, hub, events)
         self._loop = asyncio.get_running_loop()
-        self._listener: asyncio.AbstractServer | None = None
+        self.listener: Listener | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -86,20 +91,25 @@ class Server(Gateway[ServerConnection]):
         if config.tls_certfile:
             ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_context.load_cert_chain(config.tls_certfile, config.tls_keyfile)
-        self._listener = await self._loop.create_server(
+        sockets = open_sockets(config.ws_host, config.ws_port, backlog=4096)
+        self.listener = Listener(
+            sockets,
             lambda: ServerConnection(self),
-            config.ws_host,
-            config.ws_port,
-            reuse_port=True,
-            backlog=4096,
-            ssl=ssl_context,
-            ssl_handshake_timeout=config.handshake_timeout if ssl_context else None,
+            self.events.accept_failed,
+            ssl_context,
+            config.handshake_timeout if ssl_context else None,
         )
         self._schedule_sweep()
 
+    @property
+    def accept_paused(self) -> bool:
+        """True while ``accept()`` waits for a free descriptor (see rango.listener)."""
+        listener = self.listener
+        return listener is not None and bool(listener.paused)
+
     def stop_accepting(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
+        if self.listener is not None:
+            self.listener.close()
 
     async def drain(self, timeout: float) -> None:
         """Close every connection with 1001 going away; abort those still open at ``timeout``."""

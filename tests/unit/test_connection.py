@@ -49,6 +49,9 @@ class Recorder:
     def slow_client(self) -> None:
         self.seen.append(("slow", None))
 
+    def accept_failed(self, reason: str) -> None:
+        self.seen.append(("accept_failed", reason))
+
 
 class Clock:
     def __init__(self) -> None:
