@@ -94,6 +94,9 @@ class Listener:
             else {}
         )
         self.paused: set[socket.socket] = set()
+        # Accepted connections whose transport is still being made (TLS handshakes):
+        # not yet the server's connections, but a drain must wait for them too.
+        self.connecting: set[asyncio.Task[Any]] = set()
         self._retry: asyncio.TimerHandle | None = None
         self._limited = RateLimited(log, interval=10.0)
         self.closed = False
@@ -113,7 +116,15 @@ class Listener:
                 self._pause(sock, exc)
                 return
             task = self._loop.create_task(connect(self._factory, conn, **self._ssl))
-            task.add_done_callback(_connected)
+            self.connecting.add(task)
+            task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        """A connection that failed before its transport existed (reset, TLS refused)
+        is that client's business: retrieve the error so asyncio does not log it."""
+        self.connecting.discard(task)
+        if not task.cancelled():
+            task.exception()
 
     def _pause(self, sock: socket.socket, exc: OSError) -> None:
         """Stop watching ``sock`` until a descriptor is free: no busy loop on EMFILE."""
@@ -157,8 +168,3 @@ class Listener:
             sock.close()
 
 
-def _connected(task: asyncio.Task[Any]) -> None:
-    """A connection that failed before its transport existed (reset, TLS refused)
-    is that client's business: retrieve the error so asyncio does not log it."""
-    if not task.cancelled():
-        task.exception()

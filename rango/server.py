@@ -120,9 +120,14 @@ class Server(Gateway[ServerConnection]):
         # Connections still in their handshake are closed with 1001 right after
         # it (see Connection._open): a client accepted just before the drain
         # sees a proper close, not a reset. The timeout below bounds them.
+        # Connections accepted but still in their TLS handshake join
+        # self.connections when it completes; they are waited for too.
+        connecting = self.listener.connecting if self.listener is not None else set()
         deadline = time.monotonic() + timeout
-        while self.connections and time.monotonic() < deadline:
+        while (self.connections or connecting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for task in list(connecting):
+            task.cancel()  # its transport is closed
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
