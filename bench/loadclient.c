@@ -23,6 +23,8 @@
  *                 upgrades per second and failures.
  *
  * The server's Sec-WebSocket-Accept is not verified: a 101 status is enough.
+ * Compressed frames (RSV1, after `--header 'Sec-WebSocket-Extensions: permessage-deflate'`)
+ * are counted as events without being inflated or parsed.
  * Server frames are unmasked; pings are answered with masked pongs; the first
  * text frame of a connection (the `subscribed` answer) is not an event.
  */
@@ -289,8 +291,18 @@ static inline int64_t parse_num_after(const uint8_t *p, size_t n, const char *ke
     return v;
 }
 
-static void on_text(conn_t *c, const uint8_t *p, size_t n, int64_t now) {
+static void on_text(conn_t *c, const uint8_t *p, size_t n, int64_t now, int compressed) {
     if (mode == M_CONNECT_RATE) return;
+    if (compressed) {
+        /* permessage-deflate (RSV1): an event frame, counted but not inflated, so
+         * the client's cost stays a frame's, not zlib's. No latency or sequence. */
+        c->frames++;
+        frames_total++;
+        if (!first_frame_ns) first_frame_ns = now;
+        last_frame_ns = now;
+        no_ts++;
+        return;
+    }
     if (n >= 10 && memcmp(p, "{\"success\"", 10) == 0) {
         if (!c->subscribed) {
             c->subscribed = 1;
@@ -384,7 +396,7 @@ static ssize_t parse_frames(conn_t *c, uint8_t *p, size_t n, int64_t now) {
         case 0x1:
         case 0x2:
         case 0x0:
-            on_text(c, payload, (size_t)len, now);
+            on_text(c, payload, (size_t)len, now, (f[0] & 0x40) != 0);
             break;
         case 0x9:
             pings++;

@@ -275,7 +275,8 @@ class Server(Gateway):
         self.workers = workers or args.workers
         LOGS.mkdir(parents=True, exist_ok=True)
         own = {"RANGO_WORKERS": str(self.workers), "LOG_LEVEL": args.log_level}
-        super().__init__(LOGS, f"{bench}-{target.label}", {**own, **(env or {})})
+        given = dict(item.split("=", 1) for item in getattr(args, "server_env", None) or [])
+        super().__init__(LOGS, f"{bench}-{target.label}", {**own, **given, **(env or {})})
         self.exchange = f"rango.bench.{bench}.{secrets.token_hex(4)}"
         self.ctx = {
             "port": self.port, "metrics_port": self.metrics_port, "exchange": self.exchange,
@@ -366,6 +367,10 @@ class LoadClient:
                 "--ready-timeout", str(args.ready_timeout)]  # fmt: skip
         for stream in streams:
             argv += ["--stream", stream]
+        if getattr(args, "deflate", False):
+            # Offered as browsers do; frames with RSV1 are counted, not parsed.
+            offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
+            argv += ["--header", offer]
         self.errors = open(LOGS / f"loadclient-{server.port}.err", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
@@ -441,6 +446,8 @@ def publish(
             "--user", args.amqp_user, "--password", args.amqp_password,
             "--exchange", server.exchange, "--key", key, "--events", str(events),
             "--rate", str(rate), "--size", str(args.size)]  # fmt: skip
+    if getattr(args, "book", False):
+        argv.append("--book")
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     output = proc.stdout.read()
@@ -902,6 +909,19 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--amqp-user", default="guest")
     common.add_argument("--amqp-password", default="guest")
     common.add_argument("--log-level", default="warn", help="server LOG_LEVEL")
+    common.add_argument(
+        "--server-env", action="append", metavar="NAME=VALUE",
+        help="extra server environment (repeatable), e.g. RANGO_COMPRESSION=1",
+    )  # fmt: skip
+    common.add_argument(
+        "--book", action="store_true",
+        help="bodies padded with order-book-like levels (deflate about as real books do)",
+    )
+    common.add_argument(
+        "--deflate", action="store_true",
+        help="clients offer permessage-deflate (compressed frames are counted, not parsed: "
+        "no latency samples)",
+    )  # fmt: skip
     common.add_argument("--size", type=int, default=BODY_SIZE, help="event body bytes")
     common.add_argument("--market", default="benchusd", help="stream is <market>.trades")
     common.add_argument(

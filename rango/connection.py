@@ -47,7 +47,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from . import frames, handshake
+from . import deflate, frames, handshake
 from .admission import (
     MAX_REQUEST_SIZE,
     Admission,
@@ -138,6 +138,7 @@ class Connection:
     __slots__ = (
         "auth",
         "deadline",
+        "deflate",
         "fragments",
         "fragments_binary",
         "gateway",
@@ -179,6 +180,9 @@ class Connection:
         self.registered = False
         self.head = b""  # the upgrade request's bytes so far
         self.tokens = 0.0  # the rate limiter's bucket, filled at the upgrade
+        # The window bits of a negotiated permessage-deflate, else 0: all the
+        # compression state a connection has (see rango.deflate).
+        self.deflate = 0
 
     @property
     def state(self) -> State:
@@ -199,6 +203,10 @@ class Connection:
                 max_size=self.gateway.config.max_frame_size,
                 logger=_ws_logger,
             )
+            if self.deflate:
+                # Compressed client frames, inflated one message at a time with
+                # the inflated size bounded by max_size (RFC 7692 §7.2.2).
+                ws.extensions = [deflate.Inflate()]
         return ws
 
     # Input.
@@ -375,7 +383,8 @@ class Connection:
             if not self._admit(upgrade.target, upgrade.authorization, upgrade.origin,
                                upgrade.host):
                 return
-            self.push(handshake.accept(upgrade))  # leaves with the subscribed answer
+            agreed = self._negotiate(upgrade.extensions) if upgrade.extensions else ""
+            self.push(handshake.accept(upgrade, agreed))  # leaves with the subscribed answer
             self._open(upgrade.target)
         if rest and self.state is _OPEN:
             self.receive_data(rest)  # frames the client sent without waiting
@@ -399,6 +408,10 @@ class Connection:
             return
         ws = self._protocol()
         response = ws.accept(request)
+        if response.status_code == 101:
+            agreed = self._negotiate(request.headers.get_all("Sec-WebSocket-Extensions"))
+            if agreed:
+                response.headers["Sec-WebSocket-Extensions"] = agreed
         ws.send_response(response)
         if response.status_code != 101:
             self.gateway.events.rejected(response.status_code)
@@ -411,6 +424,17 @@ class Connection:
         # same protocol without it.
         self.ws = None
         self._open(request.path)
+
+    def _negotiate(self, offers: list[str] | tuple[str, ...]) -> str:
+        """The ``Sec-WebSocket-Extensions`` answer to ``offers`` ("" for none), the
+        same on both handshake paths; sets :attr:`deflate` when one is agreed."""
+        if not offers or not self.gateway.config.compression:
+            return ""
+        agreement = deflate.negotiate(offers)
+        if agreement is None:
+            return ""
+        self.deflate = agreement.window_bits
+        return agreement.header
 
     def _admit(
         self, target: str, authorization: str | None, origin: str | None, host: str | None

@@ -27,7 +27,9 @@ __all__ = [
     "Control",
     "close",
     "encode",
+    "encode_compressed",
     "parse_control",
+    "payload_of",
     "pong",
     "unmask",
 ]
@@ -37,6 +39,7 @@ OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
 
 _FIN = 0x80
+_RSV1 = 0x40  # "compressed" under permessage-deflate (RFC 7692 §6)
 _MASKED = 0x80
 
 _PACK2 = struct.Struct("!BB").pack
@@ -47,8 +50,9 @@ _PACK10 = struct.Struct("!BBQ").pack
 def encode(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     """An unmasked, final server frame around ``payload`` (RFC 6455 §5.2).
 
-    Servers never mask, and Rango negotiates no extension, so the frame is the
-    same for every client: build it once, write it to all of them.
+    Servers never mask, so the frame is the same for every client: build it
+    once, write it to all of them (those that negotiated compression get
+    :func:`encode_compressed`'s, also built once).
     """
     n = len(payload)
     head = _FIN | opcode
@@ -57,6 +61,17 @@ def encode(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     if n < 65536:
         return _PACK4(head, 126, n) + payload
     return _PACK10(head, 127, n) + payload
+
+
+def encode_compressed(payload: bytes) -> bytes:
+    """A final text frame around a deflated message, RSV1 set (RFC 7692 §6.1)."""
+    return encode(payload, _RSV1 | OP_TEXT)
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of a server frame built by :func:`encode` (unmasked, §5.2)."""
+    n = frame[1]
+    return frame[2:] if n < 126 else frame[4:] if n == 126 else frame[10:]
 
 
 PING = encode(b"", OP_PING)

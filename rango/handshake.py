@@ -56,6 +56,8 @@ class Upgrade(NamedTuple):
     authorization: str | None
     origin: str | None
     host: str | None
+    #: every ``Sec-WebSocket-Extensions`` value, in order (RFC 6455 §9.1 allows several)
+    extensions: tuple[str, ...] = ()
 
 
 def parse(head: bytes) -> Upgrade | None:
@@ -74,6 +76,7 @@ def parse(head: bytes) -> Upgrade | None:
         if _HEADER_BLOCK.fullmatch(block) is None or block.count(b"\r\n") > MAX_HEADERS:
             return None
     found: dict[bytes, bytes] = {}
+    extensions: list[str] = []
     for line in block.split(b"\r\n"):
         name, _, value = line.partition(b":")
         name = name.lower()
@@ -81,6 +84,8 @@ def parse(head: bytes) -> Upgrade | None:
             if name in found:
                 return None
             found[name] = value.strip(b" \t")
+        elif name == b"sec-websocket-extensions":
+            extensions.append(value.strip(b" \t").decode("iso-8859-1"))
         elif name in _SLOW:
             return None
     if found.get(b"upgrade", b"").lower() != b"websocket":
@@ -99,16 +104,19 @@ def parse(head: bytes) -> Upgrade | None:
         _text(found.get(b"authorization")),
         _text(found.get(b"origin")),
         _text(found.get(b"host")),
+        tuple(extensions),
     )
 
 
-def accept(upgrade: Upgrade) -> bytes:
-    """The ``101 Switching Protocols`` answer, with websockets' headers in its order."""
+def accept(upgrade: Upgrade, extensions: str = "") -> bytes:
+    """The ``101 Switching Protocols`` answer, with websockets' headers in its order;
+    ``extensions`` is the agreed ``Sec-WebSocket-Extensions`` value, if any."""
     return b"".join((
         b"HTTP/1.1 101 Switching Protocols\r\nDate: ",
         _date(),
         b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
         upgrade.accept,
+        b"\r\nSec-WebSocket-Extensions: " + extensions.encode() if extensions else b"",
         b"\r\n\r\n",
     ))
 

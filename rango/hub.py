@@ -6,6 +6,11 @@ websocket layer provides them, tests provide trivial ones. For each event the
 hub checks the body once, builds the outgoing frame once and pushes the same
 bytes object to every subscriber (PROTOCOL §5).
 
+Subscribers whose ``deflate`` is non-zero negotiated permessage-deflate with
+that LZ77 window size: they get each frame compressed, once per window size
+and worker, whatever their number (see :mod:`rango.deflate`); frames whose
+payload is below the hub's ``min_size`` go uncompressed to everyone.
+
 Consecutive events for the same subscribers are batched: the hub keeps the
 frames of the current run and, when the run ends (an event for other
 subscribers, any change of subscriptions, or :meth:`Hub.flush` at the end of
@@ -23,7 +28,9 @@ from typing import Protocol
 
 import orjson
 
+from . import frames as wire
 from .auth import Auth
+from .deflate import Deflater
 from .protocol import Kind, event_payload, stream_kind, success, text_frame
 
 __all__ = ["Drop", "DropReason", "Hub", "Observer", "Subscriber"]
@@ -40,6 +47,7 @@ class Subscriber(Protocol):
 
     auth: Auth
     subscriptions: dict[str, None]
+    deflate: int  #: 0, or the window bits of a negotiated permessage-deflate
 
     def push(self, frame: bytes) -> None: ...
 
@@ -87,14 +95,27 @@ class Drop(Exception):
         self.detail = detail
 
 
+# A frame's compressed variants by window bits, made when first needed; for the
+# frames a book stores, so that a replay does not compress them again.
+Variants = dict[int, bytes]
+
+
 class _Book:
-    """A stored order book: the snapshot frame and the increment frames after it."""
+    """A stored order book: the snapshot frame and the increment frames after it.
 
-    __slots__ = ("increments", "snapshot")
+    With compression on, ``variants[0]`` holds the snapshot's compressed variants
+    and ``variants[i + 1]`` increment ``i``'s (each empty until a client needs it).
+    """
 
-    def __init__(self, snapshot: bytes) -> None:
+    __slots__ = ("increments", "snapshot", "variants")
+
+    def __init__(self, snapshot: bytes, variants: Variants | None) -> None:
         self.snapshot = snapshot
         self.increments: list[bytes] = []
+        self.variants = None if variants is None else [variants]
+
+    def frames(self) -> list[bytes]:
+        return [self.snapshot, *self.increments]
 
 
 class Hub:
@@ -110,6 +131,8 @@ class Hub:
         encode: Callable[[bytes], bytes] = text_frame,
         observer: Observer | None = None,
         wake: Callable[[], None] | None = None,
+        deflater: Deflater | None = None,
+        min_size: int = 0,
     ) -> None:
         self.rbac = dict(rbac or {})
         self.max_increments = max_increments
@@ -121,6 +144,12 @@ class Hub:
         self.wake = wake
         self._run: list[bytes] = []
         self._run_subs: set[Subscriber] | None = None
+        # With compression on: the stored frames' variants, parallel to _run
+        # (None for frames no book keeps).
+        self._run_variants: list[Variants | None] = []
+        self.deflater = deflater
+        self.min_size = min_size
+        self.deflating = 0  # connected clients that negotiated compression
         self.public: dict[str, set[Subscriber]] = {}
         self.prefixed: dict[str, set[Subscriber]] = {}
         # uid -> event -> subscribers: a private event reaches one user only.
@@ -139,6 +168,8 @@ class Hub:
         Always pushes the ``subscribed`` answer, even for no streams (PROTOCOL §2).
         """
         self.clients += 1
+        if client.deflate:
+            self.deflating += 1
         self.observer.clients(self.clients)
         self.subscribe(client, streams)  # flushes the current run first
 
@@ -149,6 +180,8 @@ class Hub:
             self._remove(client, stream)
         client.subscriptions.clear()
         self.clients -= 1
+        if client.deflate:
+            self.deflating -= 1
         self.observer.clients(self.clients)
 
     # Requests.
@@ -180,9 +213,13 @@ class Hub:
                 if stream.endswith("-inc"):
                     book = self.books.get(stream[:-4])
                     if book is not None:
-                        client.push(book.snapshot)
-                        for frame in book.increments:
-                            client.push(frame)
+                        bits = client.deflate
+                        if bits and book.variants is not None:
+                            for frame, made in zip(book.frames(), book.variants, strict=True):
+                                client.push(self._variant(frame, made, bits))
+                        else:
+                            for frame in book.frames():
+                                client.push(frame)
             else:
                 prefix = stream.partition(".")[0]
                 if client.auth.role not in self.rbac.get(prefix, ()):
@@ -270,7 +307,9 @@ class Hub:
             return 0
         return self._push_all(subs, self.encode(event_payload(topic, body)))
 
-    def _push_all(self, subs: set[Subscriber] | None, frame: bytes) -> int:
+    def _push_all(
+        self, subs: set[Subscriber] | None, frame: bytes, variants: Variants | None = None
+    ) -> int:
         """Add ``frame`` to the run for ``subs``; return how many will get it."""
         if not subs:
             return 0
@@ -279,6 +318,8 @@ class Hub:
                 self.flush()
             self._run_subs = subs
         self._run.append(frame)
+        if self.deflater is not None:
+            self._run_variants.append(variants)
         if self.wake is None:
             self.flush()
         elif len(self._run) == 1:
@@ -295,18 +336,71 @@ class Hub:
         self._run = []
         self._run_subs = None
         data = frames[0] if len(frames) == 1 else b"".join(frames)
-        for client in subs:
-            client.push(data)
+        if self.deflating:
+            self._flush_mixed(subs, frames, data)
+            self._run_variants = []
+        else:
+            for client in subs:
+                client.push(data)
+            if self._run_variants:
+                self._run_variants = []
         self.frames_sent += len(subs) * len(frames)
+
+    def _flush_mixed(self, subs: set[Subscriber], frames: list[bytes], data: bytes) -> None:
+        """Push a run where some clients may have negotiated compression: each
+        window size's compressed run is built once, at its first client."""
+        compressed: dict[int, bytes] = {}
+        for client in subs:
+            bits = client.deflate
+            if not bits:
+                client.push(data)
+                continue
+            run = compressed.get(bits)
+            if run is None:
+                run = compressed[bits] = self._compress_run(frames, data, bits)
+            client.push(run)
+
+    def _compress_run(self, frames: list[bytes], data: bytes, bits: int) -> bytes:
+        """The run for window ``bits``: its frames compressed (the small ones not)."""
+        variants = self._run_variants
+        if len(frames) == 1:
+            return self._variant(data, variants[0], bits)
+        parts = []
+        changed = False
+        for frame, made in zip(frames, variants, strict=True):
+            part = self._variant(frame, made, bits)
+            changed = changed or part is not frame
+            parts.append(part)
+        return b"".join(parts) if changed else data
+
+    def _variant(self, frame: bytes, variants: Variants | None, bits: int) -> bytes:
+        """``frame`` for a client with window ``bits``: compressed unless it is small
+        (RFC 7692 lets each message choose); a stored frame keeps what was made."""
+        n = frame[1]  # the payload length as frames.encode wrote it (RFC 6455 §5.2)
+        size = n if n < 126 else len(frame) - (4 if n == 126 else 10)
+        deflater = self.deflater
+        if size < self.min_size or deflater is None:
+            return frame
+        if variants is not None:
+            done = variants.get(bits)
+            if done is not None:
+                return done
+        made = wire.encode_compressed(deflater.compress(wire.payload_of(frame), bits))
+        if variants is not None:
+            variants[bits] = made
+        return made
 
     def _snapshot(self, stream: str, body: bytes) -> int:
         base = stream[:-5]
         first = base not in self.books
         frame = self.encode(event_payload(stream, body))
-        self.books[base] = _Book(frame)
+        variants: Variants | None = {} if self.deflater is not None else None
+        self.books[base] = _Book(frame, variants)
         # PROTOCOL §5 (as Ranger): only a first snapshot goes out, to the
         # subscribers that have been waiting for a book.
-        return self._push_all(self.public.get(base + "-inc"), frame) if first else 0
+        if not first:
+            return 0
+        return self._push_all(self.public.get(base + "-inc"), frame, variants)
 
     def _increment(self, stream: str, body: bytes) -> int:
         base = stream[:-4]
@@ -320,8 +414,12 @@ class Hub:
             del self.books[base]
             raise Drop(DropReason.INCREMENTS_FULL, stream)
         frame = self.encode(event_payload(stream, body))
+        variants: Variants | None = None
         book.increments.append(frame)
-        return self._push_all(self.public.get(stream), frame)
+        if book.variants is not None:
+            variants = {}
+            book.variants.append(variants)
+        return self._push_all(self.public.get(stream), frame, variants)
 
     def reset_books(self) -> None:
         """Forget every stored order book: events may have been missed (reconnect)."""

@@ -186,6 +186,13 @@ def origins(row: Setting, raw: str) -> tuple[str, ...]:
     return tuple(hosts)
 
 
+def zero_one(row: Setting, raw: str) -> bool:
+    """``0`` (off) or ``1`` (on), nothing else."""
+    if raw not in ("0", "1"):
+        raise Invalid(f"{raw!r} is not 0 or 1")
+    return raw == "1"
+
+
 def switch(row: Setting, raw: str) -> bool:
     """On unless ``0``: any other value keeps what the default does."""
     return raw != "0"
@@ -542,6 +549,11 @@ FLAGS: tuple[Flag, ...] = (WS_ADDR, AMQP_ADDR, PUB_KEY, EXCHANGE, CERTFILE, KEYF
 
 _KIB = 1024
 _MIB = 1024 * _KIB
+# Chosen from bench/compression.py (README, Compression): from 256 bytes of JSON
+# deflate at least halves a frame; below, it saves tens of bytes for the CPU of
+# compressing (~5 us an event), and under ~50 bytes it adds bytes.
+COMPRESSION_MIN_SIZE = 256
+COMPRESSION_LEVEL = 6
 
 SETTINGS: tuple[Setting, ...] = (
     # Ranger's and Go Rango's names and defaults (PROTOCOL §1).
@@ -692,6 +704,22 @@ SETTINGS: tuple[Setting, ...] = (
         field="max_event_size",
         help="largest event body (bytes); larger ones are dropped, so a runaway publisher "
         "cannot fill every client",
+    ),
+    Setting(
+        name="RANGO_COMPRESSION", group="rango", parse=zero_one, default=False,
+        shown="0", field="compression",
+        help="`1` accepts permessage-deflate (RFC 7692) from clients that offer it; each "
+        "event is compressed once per worker; see [Compression](#compression)",
+    ),
+    Setting(
+        name="RANGO_COMPRESSION_MIN_SIZE", group="rango", parse=whole, minimum=0,
+        maximum=1 << 30, default=COMPRESSION_MIN_SIZE, field="compression_min_size",
+        help="event frames with a smaller payload (bytes) go uncompressed to every client",
+    ),
+    Setting(
+        name="RANGO_COMPRESSION_LEVEL", group="rango", parse=whole, minimum=1, maximum=9,
+        default=COMPRESSION_LEVEL, field="compression_level",
+        help="zlib level: 1 is fastest, 9 smallest",
     ),
     Setting(
         name="RANGO_RBAC_<PREFIX>", group="rango", default={}, shown="—", field="rbac",

@@ -34,6 +34,7 @@ from .contract import (
     config_error,
     run_loop,
 )
+from .deflate import Deflater
 from .hub import Drop, DropReason, Hub
 from .limits import raise_nofile
 from .logs import RateLimited
@@ -68,6 +69,8 @@ class Worker:
             max_subscriptions=config.max_subscriptions,
             max_event_size=config.max_event_size,
             observer=self.metrics,
+            deflater=Deflater(config.compression_level) if config.compression else None,
+            min_size=config.compression_min_size,
         )
         self.server = Server(config, self.hub, self.metrics)
         self._bound_connections()

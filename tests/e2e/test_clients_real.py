@@ -297,3 +297,49 @@ def test_browser_reaches_private_through_an_auth_gateway(rango, publisher, keys,
     finally:
         browser.goto("about:blank")
         proxy.close()
+
+
+# Compression (RFC 7692) with real clients, as they offer it by default.
+
+ZENV = {"RANGO_COMPRESSION": "1", "RANGO_COMPRESSION_MIN_SIZE": "64"}
+
+
+def deep_book(levels: int, sequence: int) -> dict[str, Any]:
+    return {
+        "bids": [[f"{1000 - i * 0.5:.1f}", f"{0.001 * (i + 1):.3f}"] for i in range(levels)],
+        "asks": [[f"{1001 + i * 0.5:.1f}", f"{0.002 * (i + 1):.3f}"] for i in range(levels)],
+        "sequence": sequence,
+    }
+
+
+def test_wscat_negotiates_compression_and_prints_frames(rango_factory, wscat):
+    gateway = rango_factory(env=ZENV)
+    market = unique()
+    proc, out, _ = wscat("-c", gateway.url("/public", f"stream={market}.trades"))
+    assert out.expect_json() == subscribed([f"{market}.trades"])
+    book = deep_book(50, 1)  # ~2 KB: compressed on the wire
+    publish_lines(gateway.exchange, [f"public.{market}.trades {json.dumps(book)}"])
+    assert out.expect_json() == {f"{market}.trades": book}
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+
+
+def test_orderbook_page_in_chromium_with_compression(rango_factory, publisher_factory, browser):
+    """Chromium negotiates permessage-deflate (its default offer) and the page builds its
+    book from compressed frames: a 50-level snapshot and increments."""
+    market = unique()
+    with serve_directory(EXAMPLES) as base:
+        gateway = rango_factory(env={"API_CORS_ORIGINS": base, **ZENV})
+        publisher = publisher_factory(gateway.exchange)
+        assert browser.goto(page_url(base, gateway.url("/public"), market)) == 200
+        browser.wait(status_has(f"{market}.ob-inc"), what="subscribed")
+        extensions = browser.evaluate("ws.extensions")
+        assert extensions.startswith("permessage-deflate"), extensions
+        assert "server_no_context_takeover" in extensions, extensions
+        publisher.publish(f"public.{market}.ob-snap", deep_book(50, 10))
+        publisher.publish(f"public.{market}.ob-inc", {"bids": [["2000.0", "1.5"]], "sequence": 11})
+        browser.wait(text_is("#sequence", "11"), what="book at 11")
+        bids = browser.rows("#bids tbody tr")
+        assert bids[0] == ["2000.0", "1.5"], bids[:2]
+        assert ["1000.0", "0.001"] in bids, bids[:3]

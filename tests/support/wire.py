@@ -170,6 +170,18 @@ class RawClient:
     def recv_frame(self, timeout: float | None = None) -> tuple[bool, int, bytes]:
         """``(fin, opcode, payload)`` of the next server frame, within ``timeout``
         (the client's own by default). EOFError at the end of the stream."""
+        b0, payload = self.recv_raw_frame(timeout)
+        return bool(b0 & 0x80), b0 & 0x0F, payload
+
+    def recv_frame_rsv(self, timeout: float | None = None) -> tuple[bool, int, bytes]:
+        """``(rsv1, opcode, payload)`` of the next server frame, which must be final."""
+        b0, payload = self.recv_raw_frame(timeout)
+        assert b0 & 0x80, "a fragmented server frame"
+        assert not b0 & 0x30, "RSV2/RSV3 set"
+        return bool(b0 & 0x40), b0 & 0x0F, payload
+
+    def recv_raw_frame(self, timeout: float | None = None) -> tuple[int, bytes]:
+        """The first byte and the payload of the next server frame."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         b0, b1 = self._take(2, deadline)
         assert not b1 & 0x80, "server frames are never masked"
@@ -178,7 +190,7 @@ class RawClient:
             (n,) = struct.unpack("!H", self._take(2, deadline))
         elif n == 127:
             (n,) = struct.unpack("!Q", self._take(8, deadline))
-        return bool(b0 & 0x80), b0 & 0x0F, self._take(n, deadline)
+        return b0, self._take(n, deadline)
 
     def recv_text(self) -> str:
         fin, opcode, payload = self.recv_frame()

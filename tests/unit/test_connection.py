@@ -16,6 +16,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from websockets.client import ClientProtocol
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
@@ -24,6 +25,7 @@ from websockets.uri import parse_uri
 from rango import frames
 from rango.config import Config
 from rango.connection import Connection, Gateway
+from rango.deflate import Deflater
 from rango.hub import Hub
 
 UID = "IDUNIT000001"
@@ -70,7 +72,11 @@ class World:
         )
         self.config = Config(jwt_public_key=pem, jwt_algorithm="ES256", **settings)
         self.key = key
-        self.hub = Hub(rbac={"admin": frozenset({"admin"})})
+        self.hub = Hub(
+            rbac={"admin": frozenset({"admin"})},
+            deflater=Deflater() if self.config.compression else None,
+            min_size=self.config.compression_min_size,
+        )
         self.events = Recorder()
         self.clock = Clock()
         self.gateway = Gateway(self.config, self.hub, self.events, clock=self.clock)
@@ -80,8 +86,10 @@ class World:
         return jwt.encode({"uid": uid, "role": role, "iat": now, "exp": now + 3_600_000_000},
                           self.key, algorithm="ES256")
 
-    def connect(self, path: str = "/public", **headers: str) -> Peer:
-        peer = Peer(self, path, headers)
+    def connect(
+        self, path: str = "/public", extensions: list[Any] | None = None, **headers: str
+    ) -> Peer:
+        peer = Peer(self, path, headers, extensions)
         peer.pump()
         return peer
 
@@ -89,9 +97,14 @@ class World:
 class Peer:
     """A websockets client protocol wired to one Rango connection."""
 
-    def __init__(self, world: World, path: str, headers: dict[str, str]) -> None:
+    def __init__(
+        self, world: World, path: str, headers: dict[str, str],
+        extensions: list[Any] | None = None,
+    ) -> None:  # fmt: skip
         self.world = world
-        self.client = ClientProtocol(parse_uri(f"ws://127.0.0.1:8080{path}"))
+        self.client = ClientProtocol(
+            parse_uri(f"ws://127.0.0.1:8080{path}"), extensions=extensions
+        )
         request = self.client.connect()
         for name, value in headers.items():
             request.headers[name.replace("_", "-")] = value
@@ -472,3 +485,77 @@ def test_push_queues_one_reference_then_a_list(world: World) -> None:
     assert peer.conn.pending is frame and world.gateway.dirty == [peer.conn]
     peer.conn.push(frame)
     assert peer.conn.pending == [frame, frame] and world.gateway.dirty == [peer.conn]
+
+
+# permessage-deflate (RFC 7692): both handshake paths, frames both ways.
+
+DEFLATE = [ClientPerMessageDeflateFactory()]  # websockets' default client offer
+BIG = {"asks": [[f"{100 + i / 100:.2f}", "1.5000"] for i in range(60)]}
+
+
+def zworld(key: ec.EllipticCurvePrivateKey, **settings: Any) -> World:
+    return World(key, compression=True, compression_min_size=256, **settings)
+
+
+@pytest.mark.parametrize("subprotocol", [False, True], ids=["fast-path", "websockets-path"])
+def test_compression_negotiated_on_both_handshake_paths(signing_key, subprotocol):
+    world = zworld(signing_key)
+    headers = {"Sec_WebSocket_Protocol": "x"} if subprotocol else {}
+    peer = world.connect("/public?stream=eurusd.trades", extensions=DEFLATE, **headers)
+    assert peer.response is not None and peer.response.status_code == 101
+    assert peer.response.headers["Sec-WebSocket-Extensions"] == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
+    assert peer.conn.deflate == 15
+    assert world.hub.deflating == 1
+    world.hub.route("public.eurusd.trades", orjson.dumps(BIG))
+    world.hub.route("public.eurusd.trades", b'{"n":1}')
+    world.hub.flush()
+    data = peer.conn.data_to_send()
+    assert data[0] == 0xC1, "RSV1 set on the large frame"
+    peer.client.receive_data(data)
+    got = [orjson.loads(e.data) for e in peer.client.events_received()]
+    assert got == [{"eurusd.trades": BIG}, {"eurusd.trades": {"n": 1}}]
+    peer.conn.lost()
+    assert world.hub.deflating == 0
+
+
+def test_compression_off_ignores_the_offer(signing_key):
+    world = World(signing_key)
+    peer = world.connect("/public", extensions=DEFLATE)
+    assert peer.response is not None
+    assert "Sec-WebSocket-Extensions" not in peer.response.headers
+    assert peer.conn.deflate == 0
+
+
+def test_compressed_client_frames_are_inflated_and_bounded(signing_key):
+    world = zworld(signing_key, max_frame_size=4096)
+    peer = world.connect("/public", extensions=DEFLATE)
+    peer.messages()
+    answers = peer.send_text(orjson.dumps({"event": "subscribe", "streams": ["a.trades"]}))
+    assert answers[0]["success"]["streams"] == ["a.trades"]
+    bomb = orjson.dumps({"event": "subscribe", "streams": ["b" * 100_000]})
+    peer.client.send_text(bomb)  # ~200 bytes on the wire, 100 KB inflated
+    events = peer.pump()
+    closes = [
+        Close.parse(e.data) for e in events if isinstance(e, Frame) and e.opcode is Opcode.CLOSE
+    ]
+    assert closes and closes[0].code == 1009, events
+
+
+def test_hub_compresses_once_per_window_and_keeps_order(signing_key):
+    world = zworld(signing_key)
+    deflated = [world.connect("/public?stream=x.trades", extensions=DEFLATE) for _ in range(3)]
+    plain = [world.connect("/public?stream=x.trades") for _ in range(2)]
+    for peer in [*deflated, *plain]:
+        peer.messages()
+    calls = []
+    compress = world.hub.deflater.compress  # type: ignore[union-attr]
+    world.hub.deflater.compress = lambda p, b=15: calls.append(b) or compress(p, b)  # type: ignore[union-attr,method-assign]
+    bodies = [BIG, {"n": 1}, {**BIG, "k": 2}]
+    for body in bodies:
+        world.hub.route("public.x.trades", orjson.dumps(body))
+    world.hub.flush()
+    assert calls == [15, 15], "each large frame compressed once for all three clients"
+    for peer in [*deflated, *plain]:
+        assert peer.messages() == [{"x.trades": body} for body in bodies]

@@ -32,10 +32,11 @@ INC3 = b'{"bids":[["999.0","1"]],"sequence":4}'
 class Client:
     """What the hub needs of a connection, recording every pushed frame."""
 
-    def __init__(self, uid: str = "", role: str = "") -> None:
+    def __init__(self, uid: str = "", role: str = "", deflate: int = 0) -> None:
         self.auth = Auth(uid, role)
         self.subscriptions: dict[str, None] = {}
         self.frames: list[bytes] = []
+        self.deflate = deflate
 
     def push(self, frame: bytes) -> None:
         self.frames.append(frame)
