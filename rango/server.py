@@ -29,6 +29,7 @@ from .config import Config
 from .connection import Connection, Events, Gateway
 from .hub import Hub
 from .listener import Listener, open_sockets
+from .metrics import RoutingTimes
 
 __all__ = ["Server", "ServerConnection"]
 
@@ -82,6 +83,10 @@ class Server(Gateway[ServerConnection]):
         super().__init__(config, hub, events)
         self._loop = asyncio.get_running_loop()
         self.listener: Listener | None = None
+        # perf_counter() of each event delivered since the last flush, and where the
+        # flush reports them (the worker's routing-time histogram), if anywhere.
+        self.delivered: list[float] = []
+        self.routing: RoutingTimes | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -168,6 +173,11 @@ class Server(Gateway[ServerConnection]):
                 self._drop_slow(conn, transport)
         if self.ends:
             self._end_streams()
+        delivered = self.delivered
+        if delivered:
+            if self.routing is not None:
+                self.routing.observe_since(time.perf_counter(), delivered)
+            delivered.clear()
 
     def flush_one(self, conn: ServerConnection) -> None:
         """Write one connection's queued bytes now (and end its stream if it asked)."""

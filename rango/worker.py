@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import sys
+from time import perf_counter
 
 from .amqp import Consumer, State
 from .config import Config, ConfigError
@@ -38,7 +39,7 @@ from .deflate import Deflater
 from .hub import Drop, DropReason, Hub
 from .limits import raise_nofile
 from .logs import RateLimited
-from .metrics import Metrics, pid_file_name, serve_http, write_pid_file
+from .metrics import Metrics, pid_file_name, register_own_collectors, serve_http, write_pid_file
 from .server import Server
 
 __all__ = ["DRAIN_TIMEOUT", "Worker", "main", "serve"]
@@ -73,6 +74,8 @@ class Worker:
             min_size=config.compression_min_size,
         )
         self.server = Server(config, self.hub, self.metrics)
+        self.server.routing = self.metrics.routing
+        self._delivered = self.server.delivered.append
         self._bound_connections()
         self.consumer = Consumer(config.amqp_url, config.exchange, self.on_event, self.on_state)
         self._drops = RateLimited(log, interval=10.0)
@@ -97,6 +100,10 @@ class Worker:
 
     def on_event(self, routing_key: str | bytes, body: bytes) -> None:
         """One delivery: route it, or count and log why it was dropped."""
+        self._delivered(perf_counter())  # the routing time ends at the flush
+        server = self.server
+        if not server.flush_scheduled:
+            server.schedule_flush()  # also for an event no one gets: its time ends too
         try:
             if routing_key.__class__ is not str:
                 # pika hands over a routing key that is not UTF-8 as bytes.
@@ -134,6 +141,7 @@ class Worker:
             write_pid_file(self.metrics_dir, self.name)
         self.consumer.start()
         if self.serves_metrics:
+            register_own_collectors()
             try:
                 self._http = await serve_http(
                     config.metrics_host, config.metrics_port,

@@ -7,12 +7,17 @@ Disconnects and the once-a-second counter sync are asynchronous: values are poll
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
+import time
 from typing import Any
 
 import pytest
-from support.answers import cannot, expect, request, subscribed, unsubscribed
+from support.answers import cannot, expect, recv_json, request, subscribed, unsubscribed
 from support.broker import unique
+from support.gateway import http_get
 from support.metrics import counter, sample, samples
 from support.polling import wait_for
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
@@ -182,7 +187,7 @@ def test_process_and_python_series_present(rango):
     metrics = rango.metrics()
     assert sample(metrics, "process_resident_memory_bytes") > 1e6
     assert sample(metrics, "process_open_fds") > 0
-    assert not any(name.startswith(("go_", "promhttp_")) for name in names)
+    assert not any(name.startswith("go_") for name in names)
 
 
 def test_events_received_and_frames_sent_advance(rango, publisher):
@@ -232,3 +237,119 @@ def test_clients_and_subscriptions_summed_over_workers(rango_factory, keys):
         wait_clients(gw, 2)
         wait_subs(gw, "public", topic, 2)
     wait_clients(gw, 0)
+
+
+PROMTOOL = shutil.which("promtool")
+# Names the original Rango and Ranger export, kept for drop-in dashboards, that
+# promtool's linter would name otherwise.
+COMPATIBLE = ("rango_hub_clients_count", "rango_hub_subscriptions_count")
+
+
+def _limit(pid: int, name: str) -> float:
+    with open(f"/proc/{pid}/limits") as f:
+        line = next(line for line in f if line.startswith(name))
+    soft = line[len(name):].split()[0]
+    return float(2**64 - 1) if soft == "unlimited" else float(soft)
+
+
+def _started(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        ticks = int(f.read().rpartition(b")")[2].split()[19])
+    with open("/proc/stat", "rb") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime"))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_go_rangos_process_and_scrape_series(rango_factory):
+    """process_max_fds (the lowest soft limit of the processes, each one in
+    rango_worker_max_fds), process_virtual_memory_max_bytes, process_start_time_seconds
+    (the supervisor's), and the scrape counters of promhttp."""
+    gw = rango_factory(args=["--workers", "2"])
+    pids = wait_for(lambda: len(gw.worker_pids()) == 2 and gw.worker_pids(), 10, "2 workers")
+    metrics = wait_for(
+        lambda: len(samples(m := gw.metrics(), "rango_worker_max_fds")) == 3 and m,
+        10, "both workers in the breakdown",
+    )  # fmt: skip
+    every = [gw.pid, *pids]
+    assert sample(metrics, "process_max_fds") == min(_limit(p, "Max open files") for p in every)
+    per = {labels["worker"]: v for labels, v in samples(metrics, "rango_worker_max_fds")}
+    assert set(per) == {"0", "1", "supervisor"}, per
+    assert per["supervisor"] == _limit(gw.pid, "Max open files")
+    assert sample(metrics, "process_virtual_memory_max_bytes") == min(
+        _limit(p, "Max address space") for p in every
+    )
+    started = sample(metrics, "process_start_time_seconds")
+    assert started is not None and abs(started - _started(gw.pid)) < 0.05
+    assert started <= time.time()
+    before = sample(metrics, "promhttp_metric_handler_requests_total", code="200") or 0
+    for _ in range(3):
+        metrics = gw.metrics()
+    after = sample(metrics, "promhttp_metric_handler_requests_total", code="200")
+    # The scrape being served counts once it is answered; it is in flight meanwhile.
+    assert after == before + 3, (before, after)
+    assert sample(metrics, "promhttp_metric_handler_requests_in_flight") == 1
+    assert sample(metrics, "promhttp_metric_handler_requests_total", code="500") == 0
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian's prometheus) is not installed")
+def test_live_scrape_passes_promtool(rango_factory, keys, publisher_factory):
+    """`promtool check metrics` on a scrape of two workers with clients, public and
+    private subscriptions and events routed: no error, and no warning but those the
+    original names force."""
+    gw = rango_factory(args=["--workers", "2"])
+    publisher = publisher_factory(gw.exchange)
+    topic = f"{unique()}.trades"
+    with contextlib.ExitStack() as stack:
+        for i in range(6):
+            bearer = keys.bearer(uid=f"U{i}")
+            ws = stack.enter_context(
+                gw.connect("/", f"stream={topic},order", additional_headers=bearer)
+            )
+            expect(ws, subscribed([topic, "order"]))
+        publisher.publish(f"public.{topic}", {"n": 1})
+        publisher.publish("nodots", {"n": 1})  # a drop, so that its series exists
+        wait_clients(gw, 6)
+        wait_subs(gw, "private", "order", 6)
+        wait_for(lambda: counter(gw, "rango_events_dropped_total", reason="bad_routing_key"),
+                 10, "the drop counted")
+        text = http_get(gw.metrics_port, "/metrics")[1]
+    assert "rango_hub_subscriptions_count{" in text, text
+    assert "rango_events_dropped_total{" in text, text
+    assert PROMTOOL is not None
+    checked = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=text, capture_output=True, text=True, timeout=30
+    )
+    lines = [line for line in (checked.stdout + checked.stderr).splitlines() if line.strip()]
+    unexpected = [line for line in lines if not line.startswith(COMPATIBLE)]
+    assert not unexpected, lines
+    assert checked.returncode == 0 or (lines and not unexpected), checked
+
+
+def test_event_routing_histogram(rango, publisher):
+    """rango_event_routing_seconds{worker}: one observation per event, delivered or
+    not, from the AMQP delivery to the write; cumulative buckets, a plausible sum."""
+    topic = f"{unique()}.trades"
+    before = sample(rango.metrics(), "rango_event_routing_seconds_count", worker="0") or 0
+    with rango.connect("/", f"stream={topic}") as ws:
+        expect(ws, subscribed([topic]))
+        for n in range(20):
+            publisher.publish(f"public.{topic}", {"n": n})
+        publisher.publish(f"public.{unique()}.trades", {"nobody": "listens"})
+        for n in range(20):
+            assert recv_json(ws) == {topic: {"n": n}}
+    metrics = wait_for(
+        lambda: (m := rango.metrics())
+        and (sample(m, "rango_event_routing_seconds_count", worker="0") or 0) >= before + 21
+        and m,
+        10, "21 events in the histogram",
+    )  # fmt: skip
+    buckets = sorted(
+        (float(labels["le"]), v)
+        for labels, v in samples(metrics, "rango_event_routing_seconds_bucket")
+        if labels["worker"] == "0"
+    )
+    counts = [v for _, v in buckets]
+    assert counts == sorted(counts) and buckets[-1][0] == float("inf")
+    assert buckets[-1][1] == sample(metrics, "rango_event_routing_seconds_count", worker="0")
+    total = sample(metrics, "rango_event_routing_seconds_sum", worker="0")
+    assert total is not None and 0 < total < 21 * 1.0
