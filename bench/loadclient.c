@@ -71,6 +71,7 @@ static double duration = 0;
 static int src_ips = 1;
 static int close_ws = 1; /* connect-rate: 1 = websocket close handshake, 0 = RST */
 static const char *extra_header = NULL;
+static int send_frames = 0; /* --send-frames N: a subscribe, then N-1 text pings, once open */
 static int use_stdin = 1;
 static double ready_timeout = 120;
 
@@ -501,6 +502,14 @@ static void on_readable(long slot) {
         } else {
             c->state = S_OPEN;
             n_open++;
+            if (send_frames > 0) {
+                /* As a browser page does after the upgrade: a subscribe frame, then a
+                 * few more (text pings, answered "pong"); then the connection idles. */
+                static const char sub[] = "{\"event\":\"subscribe\",\"streams\":[\"benchusd.kline-1m\"]}";
+                send_masked(c->fd, 0x1, (const uint8_t *)sub, sizeof sub - 1);
+                for (int i = 1; i < send_frames; i++)
+                    send_masked(c->fd, 0x1, (const uint8_t *)"ping", 4);
+            }
         }
     }
     ssize_t used = parse_frames(c, rbuf + off, n - off, now);
@@ -816,6 +825,7 @@ static void usage(void) {
             "  --src-ips K           spread source addresses over 127.0.0.1..K\n"
             "  --close ws|rst        connect-rate: close handshake or abort (ws)\n"
             "  --header 'Name: v'    extra request header (e.g. Authorization)\n"
+            "  --send-frames N       once open: a subscribe frame, then N-1 text pings\n"
             "  --no-stdin            do not read commands from stdin\n"
             "  --ready-timeout S     give up waiting for all connections (120)\n");
     exit(2);
@@ -832,7 +842,7 @@ int main(int argc, char **argv) {
         {"stream", 1, 0, 's'},      {"connections", 1, 0, 'n'},   {"inflight", 1, 0, 'i'},
         {"concurrency", 1, 0, 'c'}, {"duration", 1, 0, 'd'},      {"src-ips", 1, 0, 'S'},
         {"close", 1, 0, 'C'},       {"header", 1, 0, 'H'},        {"no-stdin", 0, 0, 'N'},
-        {"ready-timeout", 1, 0, 'R'}, {0, 0, 0, 0}};
+        {"ready-timeout", 1, 0, 'R'}, {"send-frames", 1, 0, 'F'}, {0, 0, 0, 0}};
     int o;
     optind = 2;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -851,6 +861,7 @@ int main(int argc, char **argv) {
         case 'S': src_ips = atoi(optarg) > 0 ? atoi(optarg) : 1; break;
         case 'C': close_ws = strcmp(optarg, "rst") != 0; break;
         case 'H': extra_header = optarg; break;
+        case 'F': send_frames = atoi(optarg); break;
         case 'N': use_stdin = 0; break;
         case 'R': ready_timeout = atof(optarg); break;
         default: usage();

@@ -367,6 +367,8 @@ class LoadClient:
                 "--ready-timeout", str(args.ready_timeout)]  # fmt: skip
         for stream in streams:
             argv += ["--stream", stream]
+        if getattr(args, "send_frames", 0):
+            argv += ["--send-frames", str(args.send_frames)]
         if getattr(args, "deflate", False):
             # Offered as browsers do; frames with RSV1 are counted, not parsed.
             offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
@@ -730,7 +732,8 @@ def bench_latency(args: argparse.Namespace, target: Target) -> Result:
 def bench_idle_memory(args: argparse.Namespace, target: Target) -> Result:
     streams = [args.stream] if args.stream else []
     params = {"connections": args.connections, "streams": streams, "settle_s": args.settle,
-              "workers": args.workers, "inflight": args.inflight}  # fmt: skip
+              "workers": args.workers, "inflight": args.inflight,
+              "send_frames": args.send_frames}  # fmt: skip
     server = Server(args, target, "idle").start()
     client: LoadClient | None = None
     try:
@@ -969,6 +972,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=10000)
     p.add_argument("--stream", default="benchusd.trades", help="'' for no subscription")
     p.add_argument("--settle", type=float, default=3.0)
+    p.add_argument(
+        "--send-frames", type=int, default=0,
+        help="browser-like: each client sends a subscribe frame, then N-1 text pings, "
+        "then idles",
+    )  # fmt: skip
 
     p = sub.add_parser("connect-rate", parents=[common], help="upgrades per second")
     p.add_argument("--seconds", type=float, default=5.0)

@@ -132,6 +132,11 @@ class Gateway(Generic[ConnT]):
         )
 
 
+def _idle(ws: ServerProtocol) -> bool:
+    """websockets' protocol is between messages (the caller knows it is between frames)."""
+    return not ws.expect_continuation_frame and ws.parser_exc is None
+
+
 class Connection:
     """One websocket client, from its first request byte to the end of its stream."""
 
@@ -148,6 +153,7 @@ class Connection:
         "phase",
         "refilled_at",
         "registered",
+        "scan",
         "subscriptions",
         "tokens",
         "ws",
@@ -183,6 +189,9 @@ class Connection:
         # The window bits of a negotiated permessage-deflate, else 0: all the
         # compression state a connection has (see rango.deflate).
         self.deflate = 0
+        # Where websockets' parser stands in the client's frames (frames.skip):
+        # 0 between frames, when its protocol object can be dropped.
+        self.scan: int | bytes = 0
 
     @property
     def state(self) -> State:
@@ -494,6 +503,8 @@ class Connection:
     def _receive(self, data: bytes) -> None:
         """Hand ``data`` to websockets' protocol and act on what it parsed."""
         ws = self._protocol()
+        if ws.state is _OPEN:
+            self.scan = frames.skip(self.scan, data)
         ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Request):
@@ -508,6 +519,11 @@ class Connection:
             # handshake deadline stands).
             self.heard_at = self.gateway.clock()
             self.deadline = 0.0
+            if self.ws is ws and self.scan == 0 and self.fragments is None and _idle(ws):
+                # Between messages websockets' protocol holds nothing a fresh one
+                # would not (~1.3 KB with its parser): drop it, as after the
+                # upgrade; the next frame gets a new one (see _protocol).
+                self.ws = None
 
     def _frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
         if opcode is _OP_TEXT or opcode is _OP_BINARY:

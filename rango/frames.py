@@ -31,6 +31,7 @@ __all__ = [
     "parse_control",
     "payload_of",
     "pong",
+    "skip",
     "unmask",
 ]
 
@@ -124,3 +125,39 @@ def parse_control(data: bytes) -> Control | None:
     elif opcode != OP_PING and opcode != OP_PONG:
         return None
     return Control(opcode, unmask(data, n))
+
+
+def skip(state: int | bytes, data: bytes) -> int | bytes:
+    """Walk client frames' boundaries in a stream (RFC 6455 §5.2), without parsing them.
+
+    ``state`` is what the previous call returned: 0 at a frame boundary, the
+    number of bytes the current frame still needs, or the bytes of a frame
+    header cut short. The result is the same after ``data``. Used to know when
+    websockets' parser stands between frames, so that its protocol object can go.
+    """
+    if isinstance(state, int):
+        if state >= len(data):
+            return state - len(data)
+        i = state
+    else:
+        data, i = state + data, 0
+    n = len(data)
+    while i < n:
+        if n - i < 2:
+            return data[i:]
+        length, head = data[i + 1] & 0x7F, 2
+        if length == 126:
+            if n - i < 4:
+                return data[i:]
+            length, head = int.from_bytes(data[i + 2 : i + 4], "big"), 4
+        elif length == 127:
+            if n - i < 10:
+                return data[i:]
+            length, head = int.from_bytes(data[i + 2 : i + 10], "big"), 10
+        if data[i + 1] & _MASKED:
+            head += 4
+        end = i + head + length
+        if end > n:
+            return end - n
+        i = end
+    return 0

@@ -559,3 +559,26 @@ def test_hub_compresses_once_per_window_and_keeps_order(signing_key):
     assert calls == [15, 15], "each large frame compressed once for all three clients"
     for peer in [*deflated, *plain]:
         assert peer.messages() == [{"x.trades": body} for body in bodies]
+
+
+def test_websockets_protocol_is_dropped_between_messages(signing_key):
+    """After a subscribe frame the connection keeps no websockets protocol (the
+    browser-like connection costs what a listening one does); a frame cut across
+    segments, or a fragmented message, keeps it until the message is complete."""
+    world = World(signing_key)
+    peer = world.connect("/public")
+    peer.messages()
+    answers = peer.send_text('{"event":"subscribe","streams":["a.trades"]}')
+    assert answers[0]["success"]["streams"] == ["a.trades"]
+    assert peer.conn.ws is None
+    frame = masked(0x1, b'{"event":"subscribe","streams":["b.trades"]}')
+    peer.send_raw(frame[:3])
+    assert peer.conn.ws is not None  # mid-frame
+    got = peer.send_raw(frame[3:])
+    assert peer.messages(got)[0]["success"]["streams"] == ["a.trades", "b.trades"]
+    assert peer.conn.ws is None
+    peer.send_raw(masked(0x1, b'{"event":"unsubscribe",', fin=False))
+    assert peer.conn.ws is not None  # mid-message
+    got = peer.send_raw(masked(0x0, b'"streams":["a.trades"]}'))
+    assert peer.messages(got)[0]["success"]["streams"] == ["b.trades"]
+    assert peer.conn.ws is None
