@@ -134,7 +134,9 @@ class Gateway(Generic[ConnT]):
 
 def _idle(ws: ServerProtocol) -> bool:
     """websockets' protocol is between messages (the caller knows it is between frames)."""
-    return not ws.expect_continuation_frame and ws.parser_exc is None
+    # current_size counts a fragmented incoming message (expect_continuation_frame
+    # is about the messages websockets sends).
+    return ws.current_size is None and ws.parser_exc is None
 
 
 class Connection:

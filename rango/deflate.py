@@ -134,8 +134,9 @@ class Inflate(Extension):
     corrupt data is a protocol error (close 1002), as in websockets' own
     ``PerMessageDeflate``. Outgoing: frames websockets sends (close, pong) pass
     as they are; Rango's event frames are compressed by the :class:`Deflater`
-    before they reach any connection. ``__slots__`` keep the object at a few
-    dozen bytes: it exists for every compressing connection that sent a frame.
+    before they reach any connection. ``__slots__`` keep the object small (no
+    attribute lands in an instance dict); it exists only while the connection
+    has a websockets protocol, i.e. around the frames it sends.
     """
 
     __slots__ = ("_decoder",)

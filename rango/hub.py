@@ -333,20 +333,28 @@ class Hub:
             return
         subs = self._run_subs
         assert subs is not None
+        variants = self._run_variants
+        # The run is taken whole before anything is pushed: an exception below
+        # costs this run, never the next ones.
         self._run = []
         self._run_subs = None
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        if self.deflating:
-            self._flush_mixed(subs, frames, data)
+        if variants:
             self._run_variants = []
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
+        if self.deflating and self.deflater is not None:
+            self._flush_mixed(subs, frames, variants, data)
         else:
             for client in subs:
                 client.push(data)
-            if self._run_variants:
-                self._run_variants = []
         self.frames_sent += len(subs) * len(frames)
 
-    def _flush_mixed(self, subs: set[Subscriber], frames: list[bytes], data: bytes) -> None:
+    def _flush_mixed(
+        self,
+        subs: set[Subscriber],
+        frames: list[bytes],
+        variants: list[Variants | None],
+        data: bytes,
+    ) -> None:
         """Push a run where some clients may have negotiated compression: each
         window size's compressed run is built once, at its first client."""
         compressed: dict[int, bytes] = {}
@@ -357,12 +365,13 @@ class Hub:
                 continue
             run = compressed.get(bits)
             if run is None:
-                run = compressed[bits] = self._compress_run(frames, data, bits)
+                run = compressed[bits] = self._compress_run(frames, variants, data, bits)
             client.push(run)
 
-    def _compress_run(self, frames: list[bytes], data: bytes, bits: int) -> bytes:
+    def _compress_run(
+        self, frames: list[bytes], variants: list[Variants | None], data: bytes, bits: int
+    ) -> bytes:
         """The run for window ``bits``: its frames compressed (the small ones not)."""
-        variants = self._run_variants
         if len(frames) == 1:
             return self._variant(data, variants[0], bits)
         parts = []

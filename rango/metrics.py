@@ -81,7 +81,8 @@ ROUTING_BUCKETS = (
 )  # fmt: skip
 EVENT_ROUTING = Histogram(
     "rango_event_routing_seconds",
-    "Seconds from an event's AMQP delivery until its frame is written to every subscriber",
+    "Seconds from an event's AMQP delivery until its frame is written to every subscriber "
+    "(events with no subscriber or dropped: until the same write pass)",
     ["worker"],
     buckets=ROUTING_BUCKETS,
 )
@@ -519,12 +520,15 @@ class Exporter:
             rss.add_metric([worker], resident)
             cpu.add_metric([worker], seconds)
             fds.add_metric([worker], open_fds)
+        per_worker_fds: dict[str, float] = {}  # a draining process and its successor: the lower
         for pid, worker in {os.getpid(): self.name, **self.workers()}.items():
             limits = _proc_limits(pid)
             if limits is None:
                 continue
-            max_fds.add_metric([worker], limits[0])
+            per_worker_fds[worker] = min(per_worker_fds.get(worker, math.inf), limits[0])
             lowest = [min(a, b) for a, b in zip(lowest, limits, strict=True)]
+        for worker, limit in per_worker_fds.items():
+            max_fds.add_metric([worker], limit)
         yield GaugeMetricFamily(
             "process_resident_memory_bytes", "Resident memory of all Rango processes", totals[0]
         )

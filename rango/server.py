@@ -153,8 +153,10 @@ class Server(Gateway[ServerConnection]):
         This is the hot path's last step (one call per client per iteration), so
         :meth:`flush_one` is inlined here.
         """
-        self.hub.flush()  # while still scheduled: its pushes need no new callback
-        self.flush_scheduled = False
+        try:
+            self.hub.flush()  # while still scheduled: its pushes need no new callback
+        finally:
+            self.flush_scheduled = False  # a failed run must not stop every later flush
         dirty, self.dirty = self.dirty, []
         limit = self.config.max_pending_bytes
         for conn in dirty:

@@ -443,6 +443,9 @@ def test_a_draining_worker_stays_in_the_process_sums(rango_factory):
         index_0 = [v for labels, v in samples(metrics, "rango_worker_open_fds")
                    if labels["worker"] == "0"]  # fmt: skip
         assert index_0 and index_0[0] >= both - 5, (index_0, open_fds(old), open_fds(new))
+        for name in (FDS, "rango_worker_max_fds", "rango_worker_resident_memory_bytes"):
+            labels = [labels["worker"] for labels, _ in samples(metrics, name)]
+            assert len(labels) == len(set(labels)), (name, labels)  # one sample per index
         assert open_fds(old) > 40  # the silent clients: the old worker is what is counted
     finally:
         for client in silent:

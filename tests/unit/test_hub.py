@@ -961,3 +961,34 @@ def test_disconnect_during_a_run_delivers_it_first(batching):
     hub.flush()
     assert lines(gone.frames) == [{"eurusd.trades": 1}]
     assert lines(stays.frames) == [{"eurusd.trades": 1}, {"eurusd.trades": 2}]
+
+
+def test_a_failing_push_costs_its_run_only() -> None:
+    """An exception while a run is pushed (a bug, MemoryError in zlib) loses that run;
+    the hub's state stays consistent and the next events are delivered."""
+    from rango.deflate import Deflater
+
+    class Failing(Client):
+        fail = False
+
+        def push(self, frame: bytes) -> None:
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("boom")
+            super().push(frame)
+
+    hub = Hub(deflater=Deflater(), min_size=0, wake=lambda: None)
+    bad, good = Failing(deflate=15), Client()
+    hub.connect(bad, ["eurusd.trades"])
+    hub.connect(good, ["eurusd.trades"])
+    bad.frames.clear()
+    good.frames.clear()
+    bad.fail = True
+    hub.route("public.eurusd.trades", b'{"n":1}')
+    with pytest.raises(RuntimeError):
+        hub.flush()
+    hub.route("public.eurusd.trades", b'{"n":2}')
+    hub.route("public.eurusd.trades", b'{"n":3}')
+    hub.flush()
+    assert bad.frames and bad.frames[-1][0] == 0xC1  # compressed, delivered
+    assert good.frames[-1].endswith(b'{"eurusd.trades":{"n":3}}')
