@@ -9,8 +9,9 @@ work at all:
     bench/run.py connect-rate --target rango \\
         --target 'floor=.venv/bin/python bench/floor_server.py {port} {workers}'
 
-Usage: ``floor_server.py PORT [PROCESSES]`` (processes share the port with
-``SO_REUSEPORT``; SIGTERM stops them all).
+Usage: ``floor_server.py PORT [PROCESSES] [CERTFILE KEYFILE]`` (processes share the
+port with ``SO_REUSEPORT``; SIGTERM stops them all; with a certificate it serves TLS,
+the floor of ``wss://``).
 """
 
 from __future__ import annotations
@@ -51,9 +52,17 @@ class Floor(asyncio.Protocol):
         self.upgraded = True
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, tls: list[str]) -> None:
     loop = asyncio.get_running_loop()
-    await loop.create_server(Floor, "127.0.0.1", port, reuse_port=True, backlog=4096)
+    context = None
+    if tls:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(tls[0], tls[1])
+    await loop.create_server(
+        Floor, "127.0.0.1", port, reuse_port=True, backlog=4096, ssl=context
+    )
     await asyncio.Event().wait()
 
 
@@ -65,7 +74,7 @@ def main() -> None:
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            uvloop.run(serve(port))
+            uvloop.run(serve(port, sys.argv[3:5]))
             os._exit(0)
         children.append(pid)
 
