@@ -30,6 +30,7 @@ __all__ = [
     "encode_compressed",
     "parse_control",
     "payload_of",
+    "payload_size",
     "pong",
     "skip",
     "unmask",
@@ -69,10 +70,20 @@ def encode_compressed(payload: bytes) -> bytes:
     return encode(payload, _RSV1 | OP_TEXT)
 
 
-def payload_of(frame: bytes) -> bytes:
-    """The payload of a server frame built by :func:`encode` (unmasked, §5.2)."""
+def _head_size(frame: bytes) -> int:
+    """The header length of a server frame built by :func:`encode` (unmasked, §5.2)."""
     n = frame[1]
-    return frame[2:] if n < 126 else frame[4:] if n == 126 else frame[10:]
+    return 2 if n < 126 else 4 if n == 126 else 10
+
+
+def payload_of(frame: bytes) -> bytes:
+    """The payload of a server frame built by :func:`encode`."""
+    return frame[_head_size(frame) :]
+
+
+def payload_size(frame: bytes) -> int:
+    """The payload length of a server frame built by :func:`encode`, without a copy."""
+    return len(frame) - _head_size(frame)
 
 
 PING = encode(b"", OP_PING)

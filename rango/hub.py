@@ -385,10 +385,8 @@ class Hub:
     def _variant(self, frame: bytes, variants: Variants | None, bits: int) -> bytes:
         """``frame`` for a client with window ``bits``: compressed unless it is small
         (RFC 7692 lets each message choose); a stored frame keeps what was made."""
-        n = frame[1]  # the payload length as frames.encode wrote it (RFC 6455 §5.2)
-        size = n if n < 126 else len(frame) - (4 if n == 126 else 10)
         deflater = self.deflater
-        if size < self.min_size or deflater is None:
+        if deflater is None or wire.payload_size(frame) < self.min_size:
             return frame
         if variants is not None:
             done = variants.get(bits)

@@ -502,9 +502,15 @@ class Exporter:
             "rango_worker_cpu_seconds", "CPU seconds per process", labels=["worker"]
         )
         fds = GaugeMetricFamily("rango_worker_open_fds", "Open fds per process", labels=["worker"])
+        max_fds = GaugeMetricFamily(
+            "rango_worker_max_fds", "Soft limit of open fds per process", labels=["worker"]
+        )
         totals = [0.0, 0.0, 0.0, 0.0]
-        # One sample per worker index: a draining process and its successor add up.
+        lowest = [math.inf, math.inf]  # max fds, max address space
+        # One sample per worker index: a draining process and its successor add up
+        # (their usage) or give the lower (their fd limit).
         per_worker: dict[str, list[float]] = {}
+        per_worker_fds: dict[str, float] = {}
         for pid, worker in {os.getpid(): self.name, **self.workers()}.items():
             stats = _proc_stats(pid)
             if stats is None:
@@ -512,21 +518,14 @@ class Exporter:
             mine = per_worker.setdefault(worker, [0.0, 0.0, 0.0, 0.0])
             mine[:] = [a + b for a, b in zip(mine, stats, strict=True)]
             totals = [a + b for a, b in zip(totals, stats, strict=True)]
-        max_fds = GaugeMetricFamily(
-            "rango_worker_max_fds", "Soft limit of open fds per process", labels=["worker"]
-        )
-        lowest = [math.inf, math.inf]  # max fds, max address space
+            limits = _proc_limits(pid)
+            if limits is not None:
+                per_worker_fds[worker] = min(per_worker_fds.get(worker, math.inf), limits[0])
+                lowest = [min(a, b) for a, b in zip(lowest, limits, strict=True)]
         for worker, (resident, seconds, open_fds, _virtual) in per_worker.items():
             rss.add_metric([worker], resident)
             cpu.add_metric([worker], seconds)
             fds.add_metric([worker], open_fds)
-        per_worker_fds: dict[str, float] = {}  # a draining process and its successor: the lower
-        for pid, worker in {os.getpid(): self.name, **self.workers()}.items():
-            limits = _proc_limits(pid)
-            if limits is None:
-                continue
-            per_worker_fds[worker] = min(per_worker_fds.get(worker, math.inf), limits[0])
-            lowest = [min(a, b) for a, b in zip(lowest, limits, strict=True)]
         for worker, limit in per_worker_fds.items():
             max_fds.add_metric([worker], limit)
         yield GaugeMetricFamily(

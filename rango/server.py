@@ -106,12 +106,6 @@ class Server(Gateway[ServerConnection]):
         )
         self._schedule_sweep()
 
-    @property
-    def accept_paused(self) -> bool:
-        """True while ``accept()`` waits for a free descriptor (see rango.listener)."""
-        listener = self.listener
-        return listener is not None and bool(listener.paused)
-
     def stop_accepting(self) -> None:
         if self.listener is not None:
             self.listener.close()
