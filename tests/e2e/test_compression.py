@@ -198,12 +198,19 @@ def test_snapshot_and_increments_replayed_compressed(zrango, zpublisher):
     snap = book_levels(50, 0)
     incs = [{"asks": [[f"{100 + n}.00", "1.0"]], "bids": []} for n in range(3)]
     incs.append(book_levels(30, 9))  # a large increment too
-    zpublisher.publish(f"public.{market}.ob-snap", snap)
-    for inc in incs:
-        zpublisher.publish(f"public.{market}.ob-inc", inc)
     expected = [orjson.dumps({f"{market}.ob-snap": snap})] + [
         orjson.dumps({f"{market}.ob-inc": inc}) for inc in incs
     ]
+    # A witness already subscribed sees the last increment live: only then has
+    # Rango cached the whole book (publishing is asynchronous).
+    witness = raw(zrango, f"/public?stream={market}.ob-inc", None)
+    frames_of(witness, 1)
+    zpublisher.publish(f"public.{market}.ob-snap", snap)
+    for inc in incs:
+        zpublisher.publish(f"public.{market}.ob-inc", inc)
+    while frames_of(witness, 1)[0][1] != expected[-1]:
+        pass
+    witness.close()
     # Two compressed clients in turn: the second gets the variants the first made.
     for _ in range(2):
         client = raw(zrango, f"/public?stream={market}.ob-inc", "permessage-deflate")
