@@ -97,6 +97,7 @@ class Config:
     tls_certfile: str | None = field_default("tls_certfile")
     tls_keyfile: str | None = field_default("tls_keyfile")
     workers: int = field_default("workers")
+    preload: bool = field_default("preload")
 
     @property
     def log_level_no(self) -> int:

@@ -20,6 +20,14 @@ through its environment:
     holding clients and the port. Workers started otherwise (supervisord, a
     shell) get no such variable and never watch their parent.
 
+With ``RANGO_PRELOAD=1`` the supervisor starts a worker template instead
+(``python -m workers.template``, :mod:`rango.template`) with the same
+environment less the index and status pipe, plus ``RANGO_TEMPLATE_FD``, its end
+of a SOCK_SEQPACKET control socket speaking :class:`TemplateMessage`; each forked
+worker gets its index and status pipe from the ``spawn`` request and is named
+``rango-worker-<index>`` (:func:`name_process`), since it keeps the template's
+command line.
+
 A worker exits with :attr:`Exit.OK` after a drain and :attr:`Exit.CONFIG` when
 a setting cannot be used (the supervisor then stops instead of restarting a
 worker that would fail the same way). Every process prints such an error as one
@@ -38,6 +46,7 @@ from typing import Any, NamedTuple, TypeVar
 from .config import ConfigError
 
 __all__ = [
+    "ENV_CONTROL_FD",
     "ENV_INDEX",
     "ENV_MANAGED",
     "ENV_METRICS_DIR",
@@ -49,10 +58,14 @@ __all__ = [
     "Placement",
     "Status",
     "StatusWriter",
+    "TemplateMessage",
     "cannot_listen",
     "config_error",
+    "name_process",
     "parse_statuses",
     "run_loop",
+    "template_command",
+    "template_env",
     "worker_command",
     "worker_env",
 ]
@@ -62,8 +75,10 @@ ENV_MANAGED = "RANGO_WORKER_MANAGED"
 ENV_STATUS_FD = "RANGO_STATUS_FD"
 ENV_SUPERVISOR_PID = "RANGO_SUPERVISOR_PID"
 ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name
+ENV_CONTROL_FD = "RANGO_TEMPLATE_FD"
 
 WORKER_MODULE = "workers.worker"
+TEMPLATE_MODULE = "workers.template"
 
 # The settings named when a listener cannot be opened.
 WS_LISTENER = "RANGER_HOST/RANGER_PORT (or --ws-addr)"
@@ -78,6 +93,15 @@ class Status(StrEnum):
     LISTENING = "listening"  #: its websocket listener is open
     CONSUMING = "consuming"  #: its RabbitMQ consumer receives events
     DISCONNECTED = "disconnected"  #: it lost RabbitMQ and is reconnecting
+
+
+class TemplateMessage(StrEnum):
+    """The first word of a message on the template's control socket (SOCK_SEQPACKET)."""
+
+    READY = "ready"  #: template → supervisor, once: configured, imported, checked
+    SPAWN = "spawn"  #: supervisor → template: ``spawn <index>`` + the status pipe's fd
+    FORKED = "forked"  #: ``forked <index> <pid>``: the worker runs, the supervisor's child
+    FAILED = "failed"  #: ``failed <index> <reason>``: fork() failed
 
 
 class Exit(IntEnum):
@@ -123,6 +147,29 @@ def _number(value: str | None, default: int) -> int:
 def worker_command(argv: list[str]) -> list[str]:
     """The command line of a worker with ``rango``'s own flags."""
     return [sys.executable, "-m", WORKER_MODULE, *argv]
+
+
+def template_command(argv: list[str]) -> list[str]:
+    """The command line of a worker template with ``rango``'s own flags."""
+    return [sys.executable, "-m", TEMPLATE_MODULE, *argv]
+
+
+def template_env(control_fd: int, metrics_dir: str) -> dict[str, str]:
+    """The environment of a template: a worker's, but for the index and status pipe,
+    which come with each ``spawn``, and the control socket."""
+    env = worker_env(0, -1, metrics_dir)
+    del env[ENV_INDEX], env[ENV_STATUS_FD]
+    env[ENV_CONTROL_FD] = str(control_fd)
+    return env
+
+
+def name_process(name: str) -> None:
+    """Set the process's name as ``ps -o comm``, ``top`` and ``pgrep`` show it (15 bytes).
+
+    Forked workers share the template's command line; the name tells them apart.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+        f.write(name[:15])
 
 
 def worker_env(index: int, status_fd: int, metrics_dir: str) -> dict[str, str]:

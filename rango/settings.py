@@ -647,6 +647,13 @@ SETTINGS: tuple[Setting, ...] = (
         help="worker processes; `0`: as many as the CPUs the process may use",
     ),
     Setting(
+        name="RANGO_PRELOAD", group="rango", parse=zero_one, default=True, shown="1",
+        field="preload",
+        help="`1` forks `rango --workers N`'s workers from a template process that "
+        "imported and configured everything once, so they share its memory; `0` starts "
+        "each worker as a fresh interpreter; see [Memory](#memory)",
+    ),
+    Setting(
         name="RANGO_MAX_FRAME_SIZE", group="rango", parse=whole, minimum=64, maximum=1 << 24,
         default=4 * _KIB, field="max_frame_size",
         help="largest client frame (bytes); larger closes with 1009",

@@ -34,7 +34,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 from .config import Config, ConfigError
 from .contract import (
@@ -49,6 +49,7 @@ from .contract import (
     worker_command,
     worker_env,
 )
+from .forking import Template, become_subreaper
 from .settings import tcp_migrate_req
 
 __all__ = ["Supervisor"]
@@ -63,10 +64,24 @@ READY_TIMEOUT = 30.0  # a new worker must listen (and consume, if it can) by the
 MIGRATE_REQ = "/proc/sys/net/ipv4/tcp_migrate_req"
 
 
+class Process(Protocol):
+    """What the supervisor uses of a worker process: spawned or forked from the template."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
 class Worker:
     """One worker process and what the supervisor knows of it."""
 
-    def __init__(self, index: int, process: asyncio.subprocess.Process, status_fd: int) -> None:
+    def __init__(self, index: int, process: Process, status_fd: int) -> None:
         self.index = index
         self.process = process
         self.status_fd = status_fd
@@ -102,6 +117,8 @@ class Supervisor:
         self.shutdown_timeout = 15.0
         self.exit_code = 0
         self.directory = tempfile.mkdtemp(prefix="rango-metrics-")
+        self.preload = config.preload
+        self.template: Template | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._done: asyncio.Event | None = None
         self._rolling: asyncio.Task[None] | None = None
@@ -146,8 +163,22 @@ class Supervisor:
             os.getpid(), self.count, self.config.ws_host, self.config.ws_port,
             self.config.metrics_host, self.config.metrics_port,
         )  # fmt: skip
+        if self.preload and not become_subreaper():
+            log.warning("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): "
+                        "starting each worker as a fresh interpreter (RANGO_PRELOAD=0)")
+            self.preload = False
+        if self.preload:
+            template = await Template.start(self.argv, self.directory, READY_TIMEOUT)
+            if isinstance(template, str):
+                # It printed the one line naming the setting.
+                http.close()
+                shutil.rmtree(self.directory, ignore_errors=True)
+                log.error("%s; stopping", template)
+                return Exit.CONFIG
+            self.template = template
         for index in range(self.count):
-            await self.spawn(index)
+            if await self.spawn(index) is None:
+                break
         await self._done.wait()
         http.close()
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -183,15 +214,22 @@ class Supervisor:
 
     # Workers.
 
-    async def spawn(self, index: int) -> Worker:
-        """Start worker ``index``; it reports its state on a pipe."""
+    async def spawn(self, index: int) -> Worker | None:
+        """Start worker ``index``; it reports its state on a pipe. None if the
+        template cannot be renewed (a configuration error: the supervisor stops)."""
         read_fd, write_fd = os.pipe()
-        process = await asyncio.create_subprocess_exec(
-            *worker_command(self.argv), env=worker_env(index, write_fd, self.directory),
-            pass_fds=(write_fd,), stdin=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        os.close(write_fd)
+        started = time.monotonic()
+        try:
+            process = await self._start_process(index, write_fd)
+        finally:
+            os.close(write_fd)
+        if process is None:
+            os.close(read_fd)
+            self.exit_code = Exit.CONFIG
+            self.stop()
+            return None
         worker = Worker(index, process, read_fd)
+        worker.started = started
         self.workers[index] = worker
         os.set_blocking(read_fd, False)
         assert self._loop is not None
@@ -199,6 +237,33 @@ class Supervisor:
         self._track(self._watch(worker))
         log.debug("worker %d started (pid %d)", index, worker.pid)
         return worker
+
+    async def _start_process(self, index: int, status_fd: int) -> Process | None:
+        """A new process for slot ``index``: forked by the template (renewed if it
+        died), or a fresh interpreter."""
+        if not self.preload:
+            return await asyncio.create_subprocess_exec(
+                *worker_command(self.argv), env=worker_env(index, status_fd, self.directory),
+                pass_fds=(status_fd,), stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        for attempt in (1, 2):
+            template = self.template
+            if template is not None and template.alive:
+                try:
+                    return await template.fork(index, status_fd)
+                except (OSError, TimeoutError) as exc:
+                    log.error("template (pid %d) cannot fork worker %d: %s", template.process.pid,
+                              index, exc)  # fmt: skip
+                    template.close()
+            if attempt == 2:
+                break
+            log.warning("starting a new worker template")
+            renewed = await Template.start(self.argv, self.directory, READY_TIMEOUT)
+            if isinstance(renewed, str):
+                log.error("%s; stopping", renewed)
+                return None
+            self.template = renewed
+        return None
 
     def _on_status(self, worker: Worker) -> None:
         try:
@@ -216,6 +281,8 @@ class Supervisor:
             worker.status = word
             if word in (Status.LISTENING, Status.CONSUMING) and not worker.listening.done():
                 worker.listening.set_result(None)
+                log.info("worker %d (pid %d) listening after %.3f s", worker.index, worker.pid,
+                         time.monotonic() - worker.started)
             if word == Status.CONSUMING and not worker.ready.done():
                 worker.ready.set_result(None)
 
@@ -276,12 +343,28 @@ class Supervisor:
 
     async def _rolling_restart(self) -> None:
         log.info("SIGHUP: rolling restart of %d workers", len(self.workers))
+        if self.preload:
+            # New code, configuration, keys and certificates are read by a new template;
+            # the old one goes (its workers are ours and drain as they are replaced).
+            template = await Template.start(self.argv, self.directory, READY_TIMEOUT)
+            if self.stopping:
+                if not isinstance(template, str):
+                    template.close()
+                return
+            if isinstance(template, str):
+                log.error("rolling restart: the new %s; keeping the old workers", template)
+                return
+            if self.template is not None:
+                self.template.close()
+            self.template = template
         for index in range(self.count):
             old = self.workers.get(index)
             if old is not None:
                 # Still tracked while its successor starts: a SIGTERM now must stop it too.
                 self.retired.add(old)
             new = await self.spawn(index)
+            if new is None:
+                return
             new.trial = True
             failure = await self._started(new)
             new.trial = False
@@ -328,6 +411,8 @@ class Supervisor:
         return f"not listening after {READY_TIMEOUT:.0f} s"
 
     async def _shutdown(self) -> None:
+        if self.template is not None:
+            self.template.close()
         workers = self._all()
         for worker in workers:
             worker.draining = True

@@ -33,6 +33,7 @@ from .contract import (
     StatusWriter,
     cannot_listen,
     config_error,
+    name_process,
     run_loop,
 )
 from .deflate import Deflater
@@ -42,7 +43,7 @@ from .logs import RateLimited
 from .metrics import Metrics, pid_file_name, register_own_collectors, serve_http, write_pid_file
 from .server import Server
 
-__all__ = ["DRAIN_TIMEOUT", "Worker", "main", "serve"]
+__all__ = ["DRAIN_TIMEOUT", "Worker", "main", "run_forked", "serve"]
 
 log = logging.getLogger("rango.worker")
 
@@ -222,17 +223,25 @@ def _forget_metrics(directory: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m workers.worker``: the same flags as ``rango``."""
     from .cli import config_from_args, parse_args
-    from .logs import setup_logging
 
     args = parse_args(argv)
     try:
         config = config_from_args(args)
     except ConfigError as exc:
         return config_error(exc)
+    return run_forked(config)
+
+
+def run_forked(config: Config) -> int:
+    """Run a worker with ``config`` in this process (a fresh interpreter, or one
+    forked from the template); return its exit status."""
+    from .logs import setup_logging
+
     placement = Placement.from_env()
     if placement.metrics_dir:
         # prometheus-client writes there from the first metric on.
         os.makedirs(placement.metrics_dir, exist_ok=True)
+    name_process(f"rango-worker-{placement.label}")
     setup_logging(config.log_level_no, config.log_format, f"worker {placement.label}")
     try:
         run_loop(serve(config, placement))

@@ -173,15 +173,18 @@ def test_sigterm_drains_everything(rango_factory):
     queues = wait_for(lambda: all(queues_of(*pids).values()) and queues_of(*pids), 10, "2 queues")
     assert all(len(names) == 1 for names in queues.values()), queues
 
-    async def scenario() -> None:
+    async def scenario(watch: MetricsWatch) -> None:
         by_pid = await spread_clients(rango, stream, pids, 20)
         clients = [c for group in by_pid.values() for c in group]
+        # The watch has seen the workers up before the drain it watches (a drain of
+        # forked workers can be over in less than its few scrapes).
+        await async_wait_for(lambda: watch.scrapes >= 3, 10, "three scrapes")
         rango.send_signal(signal.SIGTERM)
         codes = await asyncio.wait_for(asyncio.gather(*(c.closed for c in clients)), 15)
         assert set(codes) == {1001}, codes
 
     with MetricsWatch(rango.metrics_port, 2) as watch:
-        asyncio.run(scenario())
+        asyncio.run(scenario(watch))
         assert rango.proc is not None
         assert rango.proc.wait(20) == 0, rango.log()[-3000:]
     watch.check()
@@ -225,14 +228,11 @@ def test_sighup_rolls_workers_without_refusing_or_losing(rango_factory, publishe
         await async_wait_for(lambda: connects["ok"] >= 5, 10, "connect loop running")
 
         published = 0
-        first_gone_at: int | None = None
         rango.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 40
         while True:
             publisher.publish(key, {"n": published})
             published += 1
-            if first_gone_at is None and not alive(by_index["0"]):
-                first_gone_at = published
             if restarted():
                 break
             assert time.monotonic() < deadline, f"restart not done: {rango.worker_pids()}"
@@ -240,17 +240,17 @@ def test_sighup_rolls_workers_without_refusing_or_losing(rango_factory, publishe
         done.set()
         await asyncio.to_thread(connector.join, 10)
 
-        if first_gone_at is None:  # gone between the two looks
-            first_gone_at = published
         codes = await asyncio.wait_for(asyncio.gather(*(c.closed for c in old_clients)), 15)
         assert set(codes) == {1001}, codes
         for client in old_clients:
             # Every number from the first on, in order, up to its own worker's drain.
             assert client.numbers == list(range(len(client.numbers))), client.numbers
         if workers == 2:
+            # Worker 1 kept receiving while worker 0 drained and was replaced: it is
+            # told to drain only once worker 0's successor consumes.
+            drained_0_at = max(len(c.numbers) for c in by_pid[by_index["0"]])
             for client in by_pid[by_index["1"]]:
-                # It kept receiving while the other worker drained and was replaced.
-                assert len(client.numbers) > first_gone_at, (first_gone_at, client.numbers[-3:])
+                assert len(client.numbers) > drained_0_at, (drained_0_at, client.numbers[-3:])
 
         new_pids = rango.worker_pids()
         assert sorted(worker_index(p) for p in new_pids) == [str(i) for i in range(workers)]
@@ -398,8 +398,10 @@ def test_rolling_restart_keeps_the_old_worker_when_the_new_one_cannot_start(
         key.write_text("not a key\n")
         rango.send_signal(signal.SIGHUP)
         # Well before READY_TIMEOUT (30 s): the failure is noticed when the worker exits.
-        wait_for(lambda: "keeping the old one" in rango.log(), 10, "the failed restart")
-        assert "exited with status 2 before listening" in rango.log()
+        # Refused by the new template (RANGO_PRELOAD=1) or by the new worker.
+        wait_for(lambda: "keeping the old" in rango.log(), 10, "the failed restart")
+        assert re.search("exited with status 2( before listening|; keeping the old workers)",
+                         rango.log()), rango.log()[-2000:]  # fmt: skip
         wait_for(lambda: rango.worker_pids() == [old], 10, "only the old worker")
         publisher.publish(f"public.{stream}", {"n": 1})
         assert ws.recv(timeout=5) == f'{{"{stream}":{{"n":1}}}}'

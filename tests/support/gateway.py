@@ -26,10 +26,17 @@ from websockets.sync.client import ClientConnection, connect
 from support import AMQP_URL, REPO
 from support.metrics import scrape
 from support.polling import wait_for
-from support.procfs import child_pids, descendants
+from support.procfs import child_pids, cmdline, comm, descendants
 from support.tokens import KeyPair
 
 RANGO_COMMAND = [sys.executable, "-m", "rango.cli"]
+
+
+def is_template(pid: int) -> bool:
+    """A worker template: its command line, and not (yet) a worker's name
+    (a forked worker keeps the template's command line but names itself
+    ``rango-worker-<index>``, rango.contract.name_process)."""
+    return "workers.template" in cmdline(pid) and not comm(pid).startswith("rango-worker-")
 
 
 def free_port() -> int:
@@ -110,8 +117,13 @@ class Gateway:
         return self.proc.pid
 
     def worker_pids(self) -> list[int]:
-        """Pids of the worker processes (children of the supervisor), oldest first."""
-        return child_pids(self.pid)
+        """Pids of the worker processes (children of the supervisor, forked ones
+        re-parented there), oldest first; not the worker template."""
+        return [pid for pid in child_pids(self.pid) if not is_template(pid)]
+
+    def template_pids(self) -> list[int]:
+        """Pids of the supervisor's worker templates (one, two while a SIGHUP renews it)."""
+        return [pid for pid in child_pids(self.pid) if is_template(pid)]
 
     def url(self, path: str = "/public", query: str = "") -> str:
         return f"ws://127.0.0.1:{self.port}{path}" + (f"?{query}" if query else "")

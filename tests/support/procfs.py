@@ -71,6 +71,16 @@ def pids_named(comm: str) -> list[int]:
     return pids
 
 
+def comm(pid: int) -> str:
+    """The command name of ``pid`` (/proc/<pid>/comm, set by a process for itself); ""
+    if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def cmdline(pid: int) -> str:
     """The command line of ``pid``, arguments joined by spaces; "" if it is gone."""
     try:
@@ -81,7 +91,12 @@ def cmdline(pid: int) -> str:
 
 
 def worker_index(pid: int) -> str:
-    """The ``RANGO_WORKER_INDEX`` a worker process was started with."""
+    """The ``RANGO_WORKER_INDEX`` a worker process was started with: its name,
+    ``rango-worker-<index>`` (a forked worker's environ is the template's), or the
+    environment it was started with."""
+    name = comm(pid)
+    if name.startswith("rango-worker-"):
+        return name.removeprefix("rango-worker-")
     with open(f"/proc/{pid}/environ", "rb") as f:
         for item in f.read().split(b"\0"):
             if item.startswith(b"RANGO_WORKER_INDEX="):

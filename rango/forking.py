@@ -1,0 +1,176 @@
+"""The supervisor's side of the worker template: start it, ask it for workers, reap them.
+
+A forked worker is not the template's child for long: the template forks it
+through a middle process that exits at once, and the supervisor, a child
+subreaper (``PR_SET_CHILD_SUBREAPER``, Linux ≥ 3.4), inherits it. The supervisor
+then watches it through a pidfd (Linux ≥ 5.3) and reaps it with ``waitpid``, so
+its exit status is known whatever happened to the template. See
+:mod:`rango.template` for the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+
+from .contract import TemplateMessage, template_command, template_env
+
+__all__ = ["ForkedProcess", "Template", "become_subreaper"]
+
+log = logging.getLogger("rango.supervisor")
+
+PR_SET_CHILD_SUBREAPER = 36
+FORK_TIMEOUT = 10.0
+
+
+def become_subreaper() -> bool:
+    """Make orphans below this process its children; False where the kernel cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+class ForkedProcess:
+    """A worker forked by the template and re-parented here, with the parts of
+    :class:`asyncio.subprocess.Process` the supervisor uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int] = self._loop.create_future()
+        # The process is our (possibly zombie) child: its pid cannot be reused before
+        # we reap it, so the pidfd names it for sure.
+        self._pidfd = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Not re-parented here (no subreaper): someone else reaped it.
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return
+        self._loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self._exited.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+
+class Template:
+    """One template process and its control socket."""
+
+    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+        self.process = process
+        self.control = control
+        self._loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self.closed = False
+        self._loop.add_reader(control.fileno(), self._on_message)
+
+    @classmethod
+    async def start(cls, argv: list[str], metrics_dir: str, timeout: float) -> Template | str:
+        """A ready template, or why it is not (it exited: a configuration error)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *template_command(argv), env=template_env(theirs.fileno(), metrics_dir),
+                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        template = cls(process, ours)
+        exited = asyncio.ensure_future(process.wait())
+        try:
+            await asyncio.wait((template.ready, exited), timeout=timeout,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            exited.cancel()
+        if template.ready.done() and not template.ready.exception():
+            log.debug("template started (pid %d)", process.pid)
+            return template
+        template._lost()  # not close(): no SIGTERM before it has said how it ended
+        if template.ready.done():
+            # Its socket closed first: it is exiting (after printing why).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 5.0)
+        if process.returncode is None:
+            process.kill()
+            return f"template not ready after {timeout:.0f} s"
+        return f"template exited with status {process.returncode}"
+
+    def _on_message(self) -> None:
+        try:
+            data = self.control.recv(256)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost()
+            return
+        word, _, rest = data.decode(errors="replace").partition(" ")
+        index, _, value = rest.partition(" ")
+        if word == TemplateMessage.READY and not self.ready.done():
+            self.ready.set_result(None)
+            return
+        future = self._pending.pop(int(index), None) if index.isdigit() else None
+        if future is None or future.done():
+            return
+        if word == TemplateMessage.FORKED and value.isdigit():
+            future.set_result(int(value))
+        else:
+            future.set_exception(OSError(f"the template could not fork: {value}"))
+
+    def _lost(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.control.fileno())
+            self.control.close()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the template is gone"))
+        self._pending.clear()
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("the template is gone"))
+            self.ready.exception()  # retrieved: start() reports the exit status
+
+    @property
+    def alive(self) -> bool:
+        return not self.closed and self.process.returncode is None
+
+    async def fork(self, index: int, status_fd: int) -> ForkedProcess:
+        """Worker ``index``, with the write end of its status pipe; raises OSError
+        (ConnectionError, TimeoutError) if the template cannot make it."""
+        if not self.alive:
+            raise ConnectionError("the template is gone")
+        future: asyncio.Future[int] = self._loop.create_future()
+        self._pending[index] = future
+        message = f"{TemplateMessage.SPAWN} {index}".encode()
+        socket.send_fds(self.control, [message], [status_fd])
+        pid = await asyncio.wait_for(future, FORK_TIMEOUT)
+        return ForkedProcess(pid)
+
+    def close(self) -> None:
+        """Let the template go (end of file on its socket); its workers stay."""
+        self._lost()
+        with contextlib.suppress(ProcessLookupError):
+            if self.process.returncode is None:
+                self.process.terminate()

@@ -1,0 +1,206 @@
+"""The worker template: import and configure everything once, then fork workers.
+
+``rango --workers N`` (with ``RANGO_PRELOAD=1``, the default) starts one
+template, ``python -m workers.template`` with ``rango``'s flags. It reads the
+configuration and the key, imports every module a worker runs (uvloop, pika,
+PyJWT and cryptography, prometheus-client, websockets), checks what a worker
+would refuse at start-up, then waits for requests on its control socket. For
+each request it forks a worker: the worker shares the template's pages
+copy-on-write instead of importing the same ≈40 MB again, which is gunicorn's
+``--preload``, with the fork done by a process that never ran an event loop or
+a thread (forking a running loop copies its selector, its timers and pika's
+sockets).
+
+Python's advice for this case (the :func:`gc.freeze` docs) is followed: the
+collector is disabled from the start and everything alive is frozen before
+each fork, so a worker's collections never write to the shared objects' GC
+headers; the worker enables the collector again.
+
+The fork is double: the template forks a short-lived middle process that forks
+the worker and exits, so the worker is re-parented to the supervisor (a child
+subreaper, ``PR_SET_CHILD_SUBREAPER``), which reaps it, knows its exit status,
+and outlives any template. Renewing the template (SIGHUP) therefore never
+touches running workers.
+
+What a worker must not share is made per worker after the fork: ``random``
+reseeds itself (``os.register_at_fork``), prometheus-client's multiprocess
+values notice the new pid and open their own files in the supervisor's
+directory (the template's own files stay in a private directory it removes),
+the template's control socket is closed, signal dispositions are reset. No
+socket, AMQP connection or event loop exists before the fork.
+
+The control protocol (SOCK_SEQPACKET, one message per datagram) is
+:mod:`rango.contract`'s: the template says ``ready`` once; ``spawn <index>``
+comes with the worker's status pipe (SCM_RIGHTS) and is answered ``forked
+<index> <pid>`` or ``failed <index> <reason>``. End of file on the socket (the
+supervisor is gone or has a new template) ends the template; its workers go on.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+from .config import Config, ConfigError
+from .contract import (
+    ENV_CONTROL_FD,
+    ENV_INDEX,
+    ENV_METRICS_DIR,
+    ENV_STATUS_FD,
+    ENV_SUPERVISOR_PID,
+    Exit,
+    TemplateMessage,
+    config_error,
+    name_process,
+)
+
+__all__ = ["main"]
+
+
+def _preflight(config: Config) -> None:
+    """Import what a worker runs and check what it would refuse at start-up.
+
+    A key the worker could not use then ends the template (exit status 2)
+    before any worker is forked from it, which is what keeps the old workers of
+    a rolling restart running. (The configuration itself, certificates
+    included, was checked when it was read.)
+    """
+    import encodings.idna  # noqa: F401 - imported for its pages, as the rest (getaddrinfo)
+    import ssl  # noqa: F401
+
+    import jwt  # noqa: F401
+    import pika  # noqa: F401
+    import prometheus_client  # noqa: F401
+    import uvloop  # noqa: F401
+    import websockets  # noqa: F401
+
+    from . import amqp, deflate, hub, metrics, server, worker  # noqa: F401
+    from .auth import Authenticator
+
+    Authenticator(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m workers.template``; returns when the supervisor goes."""
+    gc.disable()  # from the start: no collection leaves holes in pages to be shared
+    name_process("rango-template")
+    from .cli import config_from_args, parse_args
+    from .logs import setup_logging
+
+    control = socket.socket(fileno=int(os.environ[ENV_CONTROL_FD]))
+    del os.environ[ENV_CONTROL_FD]
+    metrics_dir = os.environ[ENV_METRICS_DIR]
+    # prometheus-client picks its multiprocess mode at import, from this variable:
+    # the template's own (zero) values go to a directory no exporter reads.
+    own_dir = tempfile.mkdtemp(prefix="rango-template-")
+    os.environ[ENV_METRICS_DIR] = own_dir
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the supervisor decides
+    try:
+        try:
+            config = config_from_args(parse_args(argv))
+            setup_logging(config.log_level_no, config.log_format, "template")
+            _preflight(config)
+        except ConfigError as exc:
+            return config_error(exc)
+        control.send(TemplateMessage.READY.value.encode())
+        return _serve(control, config, metrics_dir)
+    finally:
+        shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _serve(control: socket.socket, config: Config, metrics_dir: str) -> int:
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(control, 256, 4)
+        except OSError:
+            return Exit.OK
+        if not data:
+            return Exit.OK  # the supervisor is gone, or has a new template
+        word, _, rest = data.decode(errors="replace").partition(" ")
+        if word != TemplateMessage.SPAWN or len(fds) != 1 or not rest.isdigit():
+            for fd in fds:
+                os.close(fd)
+            continue
+        index, status_fd = int(rest), fds[0]
+        try:
+            pid = _fork(control, config, index, status_fd, metrics_dir)
+            answer = f"{TemplateMessage.FORKED} {index} {pid}"
+        except OSError as exc:
+            answer = f"{TemplateMessage.FAILED} {index} {exc.strerror or exc}"
+        finally:
+            os.close(status_fd)
+        control.send(answer.encode())
+
+
+def _fork(
+    control: socket.socket, config: Config, index: int, status_fd: int, metrics_dir: str
+) -> int:
+    """Fork worker ``index`` through a middle process; return the worker's pid."""
+    gc.freeze()
+    read_fd, write_fd = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_fd)
+            worker = os.fork()
+            if worker == 0:
+                os.close(write_fd)
+                _become_worker(control, config, index, status_fd, metrics_dir)
+            os.write(write_fd, str(worker).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        pid = pipe.read()
+    os.waitpid(middle, 0)
+    if not pid:
+        raise OSError(0, "the middle process could not fork")
+    return int(pid)
+
+
+def _wait_until_reparented() -> None:
+    """Wait (at most 1 s) for the middle process to exit, so that the worker's parent is
+    the supervisor before the worker starts comparing them (:meth:`Placement.orphaned`)."""
+    supervisor = int(os.environ.get(ENV_SUPERVISOR_PID, "0") or 0)
+    middle = os.getppid()
+    deadline = time.monotonic() + 1.0
+    while middle != supervisor and os.getppid() == middle and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def _become_worker(
+    control: socket.socket, config: Config, index: int, status_fd: int, metrics_dir: str
+) -> None:
+    """In the forked worker: drop the template's state, run the worker, exit."""
+    code = 1
+    try:
+        name_process(f"rango-worker-{index}")  # not "rango-template": ps tells them apart
+        control.close()
+        _wait_until_reparented()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.environ[ENV_INDEX] = str(index)
+        os.environ[ENV_STATUS_FD] = str(status_fd)
+        os.environ[ENV_METRICS_DIR] = metrics_dir
+        gc.enable()
+        from .worker import run_forked
+
+        code = run_forked(config)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

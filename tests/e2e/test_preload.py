@@ -1,0 +1,130 @@
+"""``RANGO_PRELOAD=1``: workers forked from a template process (rango/template.py).
+
+Real supervisor, template and workers, real RabbitMQ and clients: the workers are
+forked (they carry the template's command line and their own name), re-parented
+to the supervisor, and serve events; a worker killed with SIGKILL is replaced by a
+new fork; SIGHUP renews the template, so a new key file is used by the new workers;
+a key the new template refuses ends that roll-out and keeps the old workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from support.broker import unique
+from support.gateway import Rango
+from support.polling import wait_for
+from support.procfs import PPID, cmdline, comm, stat_fields
+from support.tokens import KeyPair
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as sync_connect
+
+PRELOAD = {"RANGO_PRELOAD": "1", "RANGO_WORKERS": "2"}
+
+
+def parent(pid: int) -> int:
+    fields = stat_fields(pid)
+    assert fields is not None, pid
+    return int(fields[PPID])
+
+
+def two_workers(rango: Rango, old: list[int] | None = None) -> list[int]:
+    def ready() -> list[int] | None:
+        pids = [p for p in rango.worker_pids() if p not in (old or [])]
+        named = [p for p in pids if comm(p).startswith("rango-worker-")]
+        return named if len(named) == 2 and rango.ready() else None
+
+    found: list[int] = wait_for(ready, 20, "two forked workers")
+    return found
+
+
+def test_workers_are_forked_from_the_template_and_serve(rango_factory, publisher_factory):
+    rango = rango_factory(env=PRELOAD)
+    publisher = publisher_factory(rango.exchange)
+    workers = two_workers(rango)
+    [template] = rango.template_pids()
+    assert comm(template) == "rango-template"
+    for pid in workers:
+        assert "workers.template" in cmdline(pid)  # forked, not a fresh interpreter
+        assert parent(pid) == rango.pid  # re-parented to the supervisor (subreaper)
+    assert sorted(comm(p) for p in workers) == ["rango-worker-0", "rango-worker-1"]
+    stream = f"{unique()}.trades"
+    clients = [sync_connect(rango.url(query=f"stream={stream}")) for _ in range(8)]
+    try:
+        for ws in clients:
+            ws.recv(timeout=5)
+        publisher.publish(f"public.{stream}", {"n": 1})
+        for ws in clients:
+            assert orjson.loads(ws.recv(timeout=5)) == {stream: {"n": 1}}
+    finally:
+        for ws in clients:
+            ws.close()
+
+    # A killed worker is reaped by the supervisor and a new one forked in its slot.
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: "killed by SIGKILL" in rango.log(), 10, "the supervisor to see it")
+    survivors = wait_for(
+        lambda: [p for p in rango.worker_pids() if p != workers[0]]
+        if len(rango.worker_pids()) == 2 and rango.ready() else None,
+        20, "the replacement",
+    )  # fmt: skip
+    assert workers[1] in survivors
+    assert rango.template_pids() == [template]
+    assert rango.stop() == 0, rango.log()[-3000:]
+    assert not rango.worker_pids()
+
+
+def private(rango: Rango, keys: KeyPair) -> int | None:
+    """The status of a /private handshake with a token of ``keys`` (None: accepted)."""
+    try:
+        with sync_connect(rango.url("/private"), additional_headers=keys.bearer(),
+                          open_timeout=5) as ws:  # fmt: skip
+            ws.recv(timeout=5)
+        return None
+    except InvalidStatus as exc:
+        return exc.response.status_code
+
+
+def test_sighup_renews_the_template_with_the_new_key(
+    rango_factory, keys: KeyPair, tmp_path: Path, tmp_path_factory: Any
+):
+    key = tmp_path / "preload-key.pub"
+    key.write_bytes(keys.public_pem)
+    rango = rango_factory(env=PRELOAD, args=["--pubKey", str(key)])
+    old = two_workers(rango)
+    [old_template] = rango.template_pids()
+    new_keys = KeyPair(tmp_path_factory.mktemp("new-keys"))
+    assert private(rango, keys) is None
+    assert private(rango, new_keys) == 401
+
+    # A key the new template refuses: no worker is replaced, the old template stays.
+    key.write_text("not a key\n")
+    rango.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the old workers" in rango.log(), 20, "the refused roll-out")
+    assert sorted(rango.worker_pids()) == sorted(old)
+    assert rango.template_pids() == [old_template]
+    assert private(rango, keys) is None
+
+    key.write_bytes(new_keys.public_pem)
+    rango.send_signal(signal.SIGHUP)
+    wait_for(lambda: "rolling restart done" in rango.log(), 30, "the roll-out")
+    two_workers(rango, old)
+    wait_for(lambda: not set(old) & set(rango.worker_pids()), 15, "the old workers gone")
+    wait_for(lambda: rango.template_pids() not in ([], [old_template]), 10, "a new template")
+    assert private(rango, new_keys) is None
+    assert private(rango, keys) == 401
+
+
+@pytest.mark.parametrize("preload", ["0", "1"])
+def test_sigterm_stops_every_process(rango_factory, preload):
+    rango = rango_factory(env={**PRELOAD, "RANGO_PRELOAD": preload})
+    wait_for(lambda: len(rango.worker_pids()) == 2 and rango.ready(), 20, "workers")
+    everyone = [*rango.worker_pids(), *rango.template_pids()]
+    assert rango.stop() == 0, rango.log()[-3000:]
+    for pid in everyone:
+        assert stat_fields(pid) is None or stat_fields(pid)[0] == b"Z"  # type: ignore[index]
