@@ -18,6 +18,7 @@ import secrets
 import socket
 from collections.abc import Callable
 from enum import Enum
+from typing import Any
 
 import pika
 from pika.adapters.asyncio_connection import AsyncioConnection
@@ -85,6 +86,7 @@ class Consumer:
         self._rebind: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._reported = False
+        _ignore_pika_connect_race(self._loop)
 
     @property
     def consuming(self) -> bool:
@@ -260,3 +262,31 @@ def _describe(error: BaseException) -> str:
             break
     text = str(error) or type(error).__name__
     return f"{type(error).__name__}: {text}"[:200]
+
+
+def _ignore_pika_connect_race(loop: asyncio.AbstractEventLoop) -> None:
+    """Keep pika's connect race out of the error log.
+
+    When the broker (or a proxy in front of it) resets a TCP connection the
+    instant it is established, pika's connector calls ``getpeername()`` on a
+    socket that is no longer connected and raises ValueError("Expected connected
+    socket ...") from a loop callback, which asyncio would log with a traceback.
+    The attempt then ends on pika's own timeout and is retried like any failed
+    connect, so one debug line says it; every other exception is handled as before.
+    """
+    previous = loop.get_exception_handler()
+    if getattr(previous, "__qualname__", "").startswith("_ignore_pika_connect_race"):
+        return  # installed by an earlier consumer on this loop
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ValueError) and "Expected connected socket" in str(exc):
+            log.debug("RabbitMQ connection reset while connecting: %s", exc)
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
