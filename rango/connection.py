@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 from websockets.frames import CloseCode, Frame, Opcode
@@ -57,7 +57,7 @@ from .admission import (
 )
 from .auth import ANONYMOUS, Auth
 from .config import Config
-from .hub import Hub
+from .hub import NO_SUBSCRIPTIONS, Hub
 from .logs import RateLimited
 from .protocol import PONG, ClientError, error, parse_request, target_streams, text_frame
 
@@ -170,7 +170,8 @@ class Connection:
         # once an oversized request was refused.
         self.phase = _CONNECTING
         self.auth: Auth = ANONYMOUS
-        self.subscriptions: dict[str, None] = {}
+        # Read-only, shared with the connections subscribed alike; the hub replaces it.
+        self.subscriptions: Mapping[str, None] = NO_SUBSCRIPTIONS
         # Bytes queued this iteration: one bytes (the common case, no list to
         # allocate), a list of them, or None.
         self.pending: bytes | list[bytes] | None = None
@@ -508,18 +509,21 @@ class Connection:
         if ws.state is _OPEN:
             self.scan = frames.skip(self.scan, data)
         ws.receive_data(data)
+        # One clock read (and one float object, which heard_at and refilled_at share
+        # as long as the connection idles) for everything these bytes carried.
+        now = self.gateway.clock()
         for event in ws.events_received():
             if isinstance(event, Request):
                 self._handshake(event)
             else:
                 # A ServerProtocol yields the Request, then Frames of bytes.
                 frame = cast(Frame, event)
-                self._frame(frame.opcode, cast(bytes, frame.data), frame.fin)
+                self._frame(frame.opcode, cast(bytes, frame.data), frame.fin, now)
         self._send_protocol_data()
         if ws.state is _OPEN:
             # Any frame proves the peer alive (before the upgrade, the
             # handshake deadline stands).
-            self.heard_at = self.gateway.clock()
+            self.heard_at = now
             self.deadline = 0.0
             if self.ws is ws and self.scan == 0 and self.fragments is None and _idle(ws):
                 # Between messages websockets' protocol holds nothing a fresh one
@@ -527,7 +531,7 @@ class Connection:
                 # upgrade; the next frame gets a new one (see _protocol).
                 self.ws = None
 
-    def _frame(self, opcode: Opcode, data: bytes, fin: bool) -> None:
+    def _frame(self, opcode: Opcode, data: bytes, fin: bool, now: float) -> None:
         if opcode is _OP_TEXT or opcode is _OP_BINARY:
             binary = opcode is _OP_BINARY
             if not fin:
@@ -546,11 +550,11 @@ class Connection:
         elif opcode is _OP_PONG:
             return
         elif opcode is _OP_PING:
-            self._allowed(self.gateway.clock())  # websockets answered it; a flood still counts
+            self._allowed(now)  # websockets answered it; a flood still counts
             return
         else:
             return  # close is handled by websockets
-        if self.state is not _OPEN or not self._allowed(self.gateway.clock()):
+        if self.state is not _OPEN or not self._allowed(now):
             return
         if binary:
             self.send(text_frame(error("binary frames are not supported, send text")))

@@ -1,8 +1,10 @@
 """The routing core: who is subscribed to what, and where each event goes.
 
 The hub is plain Python with no I/O. Subscribers are any objects with an
-``auth``, an ordered ``subscriptions`` dict and a ``push(frame)`` method; the
-websocket layer provides them, tests provide trivial ones. For each event the
+``auth``, an ordered ``subscriptions`` mapping and a ``push(frame)`` method; the
+websocket layer provides them, tests provide trivial ones. The hub never changes
+a subscriber's mapping in place: it gives it another one, read-only and shared by
+every connection with the same subscriptions (see :func:`subscriptions_of`). For each event the
 hub checks the body once, builds the outgoing frame once and pushes the same
 bytes object to every subscriber (PROTOCOL §5).
 
@@ -22,8 +24,10 @@ events arrived. Without a ``wake`` callback each event is delivered at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Protocol
 
 import orjson
@@ -33,9 +37,34 @@ from .auth import Auth
 from .deflate import Deflater
 from .protocol import Kind, event_payload, stream_kind, success, text_frame
 
-__all__ = ["Drop", "DropReason", "Hub", "Observer", "Subscriber"]
+__all__ = ["NO_SUBSCRIPTIONS", "Drop", "DropReason", "Hub", "Observer", "Subscriber",
+           "subscriptions_of"]
 
 _PUBLIC_SCOPES = frozenset(("public", "global"))
+
+# Subscription lists up to this long are shared between the connections that have
+# them; a longer one is a connection's own (and never kept by the cache).
+SHARED_MAX = 16
+NO_SUBSCRIPTIONS: Mapping[str, None] = MappingProxyType({})
+
+
+@functools.lru_cache(maxsize=256)
+def _shared(streams: tuple[str, ...]) -> Mapping[str, None]:
+    return MappingProxyType(dict.fromkeys(streams))
+
+
+def subscriptions_of(streams: dict[str, None]) -> Mapping[str, None]:
+    """``streams`` as a subscriber's read-only mapping, in order.
+
+    Connections subscribed to the same streams get the same object: a dict costs
+    ~180 B, which each of 10,000 connections would otherwise hold for the same
+    one or two streams (and its own copy of their names).
+    """
+    if not streams:
+        return NO_SUBSCRIPTIONS
+    if len(streams) > SHARED_MAX:
+        return MappingProxyType(streams)
+    return _shared(tuple(streams))
 
 
 class Subscriber(Protocol):
@@ -46,7 +75,7 @@ class Subscriber(Protocol):
     """
 
     auth: Auth
-    subscriptions: dict[str, None]
+    subscriptions: Mapping[str, None]  #: replaced by the hub, never changed in place
     deflate: int  #: 0, or the window bits of a negotiated permessage-deflate
 
     def push(self, frame: bytes) -> None: ...
@@ -178,7 +207,7 @@ class Hub:
         self.flush()
         for stream in client.subscriptions:
             self._remove(client, stream)
-        client.subscriptions.clear()
+        client.subscriptions = NO_SUBSCRIPTIONS
         self.clients -= 1
         if client.deflate:
             self.deflating -= 1
@@ -193,13 +222,15 @@ class Hub:
         increments first, so the client's book starts complete (PROTOCOL §5).
         """
         self.flush()  # frames of earlier events go before the answer
+        subscriptions = client.subscriptions
+        changed: dict[str, None] | None = None  # a copy, once there is a change
         for stream in streams:
-            if stream in client.subscriptions:
+            if stream in (subscriptions if changed is None else changed):
                 continue
             kind = stream_kind(stream)
             if kind is None or not all(stream.split(".")):
                 continue  # no routing key can ever match it
-            if len(client.subscriptions) >= self.max_subscriptions:
+            if len(subscriptions if changed is None else changed) >= self.max_subscriptions:
                 reason = f"cannot subscribe to {stream}: too many subscriptions"
                 client.push(self.encode(success(reason)))
                 continue
@@ -226,18 +257,28 @@ class Hub:
                     client.push(self.encode(success(f"cannot subscribe to {stream}")))
                     continue
                 self.prefixed.setdefault(stream, set()).add(client)
-            client.subscriptions[stream] = None
+            if changed is None:
+                changed = dict(subscriptions)
+            changed[stream] = None
             self._count(kind, stream, 1)
-        client.push(self.encode(success("subscribed", list(client.subscriptions))))
+        if changed is not None:
+            subscriptions = client.subscriptions = subscriptions_of(changed)
+        client.push(self.encode(success("subscribed", list(subscriptions))))
 
     def unsubscribe(self, client: Subscriber, streams: Iterable[str]) -> None:
         """Unsubscribe ``client``, then push the list of its remaining subscriptions."""
         self.flush()
+        subscriptions = client.subscriptions
+        changed: dict[str, None] | None = None
         for stream in streams:
-            if stream in client.subscriptions:
+            if stream in (subscriptions if changed is None else changed):
                 self._remove(client, stream)
-                del client.subscriptions[stream]
-        client.push(self.encode(success("unsubscribed", list(client.subscriptions))))
+                if changed is None:
+                    changed = dict(subscriptions)
+                del changed[stream]
+        if changed is not None:
+            subscriptions = client.subscriptions = subscriptions_of(changed)
+        client.push(self.encode(success("unsubscribed", list(subscriptions))))
 
     def _remove(self, client: Subscriber, stream: str) -> None:
         kind = stream_kind(stream)

@@ -121,7 +121,7 @@ class Server(Gateway[ServerConnection]):
         # sees a proper close, not a reset. The timeout below bounds them.
         # Connections accepted but still in their TLS handshake join
         # self.connections when it completes; they are waited for too.
-        connecting = self.listener.connecting if self.listener is not None else set()
+        connecting = self.listener.connecting if self.listener is not None else {}
         deadline = time.monotonic() + timeout
         while (self.connections or connecting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -17,7 +17,7 @@ from support.answers import cannot, subscribed, unsubscribed
 from support.tokens import UID
 
 from rango.auth import Auth
-from rango.hub import Drop, Hub, Observer
+from rango.hub import SHARED_MAX, Drop, Hub, Observer
 from rango.protocol import stream_kind
 
 RBAC = {"admin": frozenset({"admin", "superadmin"})}
@@ -197,6 +197,40 @@ def test_subscribe_answer_lists_all_current_subscriptions_in_order(hub: Hub) -> 
     assert client.take() == [
         subscribed(["eurusd.trades", "order", "admin.eurusd.ob-inc", "global.tickers"])
     ]
+
+
+def test_connections_subscribed_alike_share_one_read_only_mapping(hub: Hub) -> None:
+    """A subscription mapping per connection would cost ~180 B each: connections with
+    the same streams share one, which the hub replaces and never changes in place."""
+    first = connect(hub, "eurusd.trades")
+    second = connect(hub, "eurusd.trades")
+    hub.subscribe(first, ["global.tickers"])
+    hub.subscribe(second, ["global.tickers", "eurusd.trades"])
+    assert first.subscriptions is second.subscriptions
+    assert list(first.subscriptions) == ["eurusd.trades", "global.tickers"]
+    with pytest.raises(TypeError):
+        first.subscriptions["x.trades"] = None  # type: ignore[index]
+    hub.unsubscribe(second, ["eurusd.trades"])
+    assert list(second.subscriptions) == ["global.tickers"]
+    assert list(first.subscriptions) == ["eurusd.trades", "global.tickers"]
+    assert hub.public == {"eurusd.trades": {first}, "global.tickers": {first, second}}
+    hub.disconnect(first)
+    assert list(first.subscriptions) == []
+    assert list(second.subscriptions) == ["global.tickers"]
+    assert hub.public == {"global.tickers": {second}}
+
+
+def test_long_subscription_lists_are_each_connection_own(hub: Hub) -> None:
+    streams = [f"m{i}.trades" for i in range(SHARED_MAX + 1)]
+    first, second = connect(hub), connect(hub)
+    hub.subscribe(first, streams)
+    hub.subscribe(second, streams)
+    assert first.subscriptions == second.subscriptions
+    assert first.subscriptions is not second.subscriptions
+    assert list(first.subscriptions) == streams
+    hub.unsubscribe(first, streams[:1])
+    assert list(first.subscriptions) == streams[1:]
+    assert list(second.subscriptions) == streams
 
 
 def test_duplicate_subscribe_is_a_noop_answering_the_full_list(
