@@ -9,9 +9,15 @@ work at all:
     bench/run.py connect-rate --target rango \\
         --target 'floor=.venv/bin/python bench/floor_server.py {port} {workers}'
 
-Usage: ``floor_server.py PORT [PROCESSES] [CERTFILE KEYFILE]`` (processes share the
-port with ``SO_REUSEPORT``; SIGTERM stops them all; with a certificate it serves TLS,
-the floor of ``wss://``).
+Usage: ``floor_server.py PORT [PROCESSES] [CERTFILE KEYFILE] [--fanout AMQP_URL EXCHANGE]``
+(processes share the port with ``SO_REUSEPORT``; SIGTERM stops them all; with a
+certificate it serves TLS, the floor of ``wss://``). With ``--fanout`` each process
+consumes EXCHANGE with Rango's own consumer (:class:`rango.amqp.Consumer`: pika on
+the loop, the broker's cost is the same for both) before it listens, and writes every
+event, framed as ``{"<stream>":BODY}``, to every upgraded connection: the events of
+one loop iteration joined, one ``write()`` per connection, as Rango's flush does, and
+nothing else (no routing, no subscriptions, no slow-client check): the floor of
+``fanout``.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ import uvloop
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 SUBSCRIBED = b'{"success":{"message":"subscribed","streams":[]}}'
 FRAME = bytes((0x81, len(SUBSCRIBED))) + SUBSCRIBED
+
+# Upgraded connections' transports, for --fanout.
+OPEN: set[asyncio.BaseTransport] = set()
 
 
 class Floor(asyncio.Protocol):
@@ -50,9 +59,53 @@ class Floor(asyncio.Protocol):
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n" + FRAME
         )
         self.upgraded = True
+        OPEN.add(self.transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        OPEN.discard(self.transport)
 
 
-async def serve(port: int, tls: list[str]) -> None:
+def frame(payload: bytes) -> bytes:
+    """An unmasked text frame (the 7-, 16- or 64-bit length form)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+async def consume(url: str, exchange: str) -> None:
+    """Consume ``exchange`` (returns once consuming) and write each event to everyone."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from rango.amqp import Consumer, State
+
+    loop = asyncio.get_running_loop()
+    run: list[bytes] = []
+    consuming = loop.create_future()
+
+    def flush() -> None:
+        data = b"".join(run)
+        run.clear()
+        for transport in OPEN:
+            transport.write(data)  # type: ignore[attr-defined]
+
+    def on_event(routing_key: str, body: bytes) -> None:
+        parts = routing_key.split(".")
+        stream = ".".join(parts[1:]) if parts[0] == "public" else routing_key
+        if not run:
+            loop.call_soon(flush)
+        run.append(frame(b'{"' + stream.encode() + b'":' + body + b"}"))
+
+    def on_state(state: State) -> None:
+        if state is State.CONSUMING and not consuming.done():
+            consuming.set_result(None)
+
+    Consumer(url, exchange, on_event, on_state).start()
+    await consuming
+
+
+async def serve(port: int, tls: list[str], fanout: list[str]) -> None:
     loop = asyncio.get_running_loop()
     context = None
     if tls:
@@ -60,6 +113,8 @@ async def serve(port: int, tls: list[str]) -> None:
 
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(tls[0], tls[1])
+    if fanout:
+        await consume(fanout[0], fanout[1])
     await loop.create_server(
         Floor, "127.0.0.1", port, reuse_port=True, backlog=4096, ssl=context
     )
@@ -67,14 +122,19 @@ async def serve(port: int, tls: list[str]) -> None:
 
 
 def main() -> None:
-    port = int(sys.argv[1])
-    processes = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    argv = sys.argv[1:]
+    fanout: list[str] = []
+    if "--fanout" in argv:
+        at = argv.index("--fanout")
+        fanout, argv = argv[at + 1 : at + 3], argv[:at] + argv[at + 3 :]
+    port = int(argv[0])
+    processes = int(argv[1]) if len(argv) > 1 else 1
     children = []
     for _ in range(processes):
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            uvloop.run(serve(port, sys.argv[3:5]))
+            uvloop.run(serve(port, argv[2:4], fanout))
             os._exit(0)
         children.append(pid)
 

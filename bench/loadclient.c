@@ -1,8 +1,8 @@
 /*
  * loadclient: a cheap epoll websocket load client for Rango benchmarks.
  *
- * One file, plain C, libc only; one thread, level-triggered epoll. Built by
- * bench/run.py with `cc -O2 -o bench/out/loadclient bench/loadclient.c`.
+ * One file, plain C; one thread, level-triggered epoll. Built by bench/run.py with
+ * `cc -O2 -o bench/out/loadclient bench/loadclient.c -lssl -lcrypto`.
  *
  * Modes
  *   subscribe     open N connections to ws://HOST:PORT/PATH?stream=S (at most
@@ -22,6 +22,10 @@
  *                 through connect, upgrade (until the 101), close; print the
  *                 upgrades per second and failures.
  *
+ * --tls speaks wss:// (OpenSSL, non-blocking on the same epoll loop): a full
+ * handshake per connection (no session resumption, as a new visitor's browser),
+ * no certificate verification (the server's CertificateVerify signature is still
+ * checked by TLS 1.3 itself). Without --tls no OpenSSL function is called.
  * The server's Sec-WebSocket-Accept is not verified: a 101 status is enough.
  * Compressed frames (RSV1, after `--header 'Sec-WebSocket-Extensions: permessage-deflate'`)
  * are counted as events without being inflated or parsed.
@@ -36,6 +40,8 @@
 #include <inttypes.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -56,7 +62,7 @@
 #define HANDSHAKE_TIMEOUT_NS (15LL * 1000000000LL)
 
 enum { M_SUBSCRIBE, M_IDLE, M_CONNECT_RATE };
-enum { S_FREE, S_CONNECTING, S_HANDSHAKE, S_OPEN, S_CLOSING, S_DONE };
+enum { S_FREE, S_CONNECTING, S_HANDSHAKE, S_OPEN, S_CLOSING, S_DONE, S_TLS };
 
 /* ---- options ---- */
 static int mode = M_SUBSCRIBE;
@@ -73,6 +79,8 @@ static int close_ws = 1; /* connect-rate: 1 = websocket close handshake, 0 = RST
 static const char *extra_header = NULL;
 static int send_frames = 0; /* --send-frames N: a subscribe, then N-1 text pings, once open */
 static int use_stdin = 1;
+static int use_tls = 0;      /* --tls: wss:// */
+static SSL_CTX *tls_ctx;
 static double ready_timeout = 120;
 
 /* ---- histogram: log-linear, 64 sub-buckets per power of two (~1.5 %) ---- */
@@ -126,6 +134,7 @@ typedef struct {
     uint8_t counted_closed;
     uint32_t plen, pcap; /* leftover bytes of a partial frame / response */
     uint8_t *pbuf;
+    SSL *ssl; /* --tls only */
     int64_t started_ns;
     uint64_t frames;
     int64_t last_s;
@@ -151,7 +160,9 @@ static uint64_t frames_total, other_frames, pings, bytes_total, seq_gaps, seq_mi
 static int64_t first_frame_ns, last_frame_ns;
 static hist_t lat; /* microseconds */
 /* connect-rate */
-static uint64_t cr_ok, cr_fail_connect, cr_fail_reset, cr_fail_eof, cr_fail_status, cr_timeout;
+static uint64_t cr_ok, cr_fail_connect, cr_fail_reset, cr_fail_eof, cr_fail_status, cr_timeout,
+    cr_fail_tls;
+static long n_tls_fail;
 static uint64_t cr_src_counter;
 
 static inline int64_t now_real(void) {
@@ -202,6 +213,10 @@ static void conn_close(conn_t *c, int abortive) {
             setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
         }
         close(c->fd); /* also removes it from the epoll set */
+    }
+    if (c->ssl) {
+        SSL_free(c->ssl); /* the socket BIO does not close the descriptor */
+        c->ssl = NULL;
     }
     c->fd = -1;
     conn_free_buf(c);
@@ -262,7 +277,33 @@ static void keep_leftover(conn_t *c, const uint8_t *p, size_t n) {
     c->plen = (uint32_t)n;
 }
 
-static void send_masked(int fd, uint8_t opcode, const uint8_t *payload, size_t n) {
+/* ---- I/O: plain read()/write(), or OpenSSL's on the same descriptor ---- */
+
+static ssize_t tls_result(conn_t *c, int r) {
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    ERR_clear_error();
+    if (e == SSL_ERROR_ZERO_RETURN) return 0; /* close_notify, or EOF (IGNORE_UNEXPECTED_EOF) */
+    if (e != SSL_ERROR_SYSCALL || !errno) errno = ECONNRESET;
+    return -1;
+}
+
+static inline ssize_t conn_read(conn_t *c, uint8_t *buf, size_t n) {
+    if (!c->ssl) return read(c->fd, buf, n);
+    int r = SSL_read(c->ssl, buf, n > (1u << 30) ? (1 << 30) : (int)n);
+    return r > 0 ? r : tls_result(c, r);
+}
+
+static inline ssize_t conn_write(conn_t *c, const void *buf, size_t n) {
+    if (!c->ssl) return write(c->fd, buf, n);
+    int r = SSL_write(c->ssl, buf, (int)n);
+    return r > 0 ? r : tls_result(c, r);
+}
+
+static void send_masked(conn_t *c, uint8_t opcode, const uint8_t *payload, size_t n) {
     uint8_t f[2 + 4 + 125];
     if (n > 125) n = 125;
     f[0] = 0x80 | opcode;
@@ -270,7 +311,7 @@ static void send_masked(int fd, uint8_t opcode, const uint8_t *payload, size_t n
     uint8_t mask[4] = {0x12, 0x34, 0x56, 0x78};
     memcpy(f + 2, mask, 4);
     for (size_t i = 0; i < n; i++) f[6 + i] = payload[i] ^ mask[i & 3];
-    ssize_t w = write(fd, f, 6 + n);
+    ssize_t w = conn_write(c, f, 6 + n);
     (void)w;
 }
 
@@ -401,7 +442,7 @@ static ssize_t parse_frames(conn_t *c, uint8_t *p, size_t n, int64_t now) {
             break;
         case 0x9:
             pings++;
-            send_masked(c->fd, 0xA, payload, (size_t)len);
+            send_masked(c, 0xA, payload, (size_t)len);
             break;
         case 0xA:
             break;
@@ -451,16 +492,37 @@ static void on_lost(conn_t *c, int how) {
     conn_lost(c, how);
 }
 
-static void on_readable(long slot) {
+/* One read (plain), or SSL_read until OpenSSL wants more bytes from the socket
+ * or the buffer is nearly full (TLS); returns 1 when OpenSSL may still hold
+ * bytes the kernel no longer signals (epoll would not wake us for them). */
+static int read_once(long slot) {
     conn_t *c = &conns[slot];
     size_t have = c->plen;
     if (have) memcpy(rbuf, c->pbuf, have);
-    ssize_t r = read(c->fd, rbuf + have, RBUF_SIZE - have);
+    ssize_t r = conn_read(c, rbuf + have, RBUF_SIZE - have);
+    int more = 0, ended = 0; /* ended: 1 EOF, 2 error, after the bytes before it */
     if (r < 0) {
-        if (errno == EAGAIN || errno == EINTR) return;
+        if (errno == EAGAIN || errno == EINTR) return 0;
         goto lost_reset;
     }
     if (r == 0) goto lost_eof;
+    if (c->ssl) {
+        /* read_ahead: one read() may have brought several records; take those
+         * buffered (SSL_read returns one record at a time) without another read(). */
+        while (SSL_has_pending(c->ssl)) {
+            if (RBUF_SIZE - have - (size_t)r < 16384 + 64) {
+                more = 1; /* the rest after these frames are parsed */
+                break;
+            }
+            ssize_t m = conn_read(c, rbuf + have + r, RBUF_SIZE - have - (size_t)r);
+            if (m <= 0) {
+                if (m == 0) ended = 1;
+                else if (errno != EAGAIN && errno != EINTR) ended = 2;
+                break; /* EAGAIN: a partial record, the rest comes with the next epoll event */
+            }
+            r += m;
+        }
+    }
     bytes_total += (uint64_t)r;
     int64_t now = now_real();
     size_t n = have + (size_t)r;
@@ -470,7 +532,11 @@ static void on_readable(long slot) {
         int h = handshake_response(c, rbuf, n, &consumed);
         if (h == 0) {
             keep_leftover(c, rbuf, n);
-            return;
+            if (ended) {
+                on_lost(c, ended);
+                return 0;
+            }
+            return more;
         }
         if (h < 0) {
             if (mode == M_CONNECT_RATE) {
@@ -486,7 +552,7 @@ static void on_readable(long slot) {
             }
             conn_close(c, mode == M_CONNECT_RATE && !close_ws);
             if (mode != M_CONNECT_RATE) maybe_ready();
-            return;
+            return 0;
         }
         off = consumed;
         if (mode == M_CONNECT_RATE) {
@@ -494,10 +560,10 @@ static void on_readable(long slot) {
             hadd(&lat, (uint64_t)((now_mono() - c->started_ns) / 1000));
             if (!close_ws) {
                 conn_close(c, 1);
-                return;
+                return 0;
             }
             static const uint8_t code[2] = {0x03, 0xe8}; /* 1000 */
-            send_masked(c->fd, 0x8, code, 2);
+            send_masked(c, 0x8, code, 2);
             c->state = S_CLOSING;
         } else {
             c->state = S_OPEN;
@@ -506,23 +572,67 @@ static void on_readable(long slot) {
                 /* As a browser page does after the upgrade: a subscribe frame, then a
                  * few more (text pings, answered "pong"); then the connection idles. */
                 static const char sub[] = "{\"event\":\"subscribe\",\"streams\":[\"benchusd.kline-1m\"]}";
-                send_masked(c->fd, 0x1, (const uint8_t *)sub, sizeof sub - 1);
+                send_masked(c, 0x1, (const uint8_t *)sub, sizeof sub - 1);
                 for (int i = 1; i < send_frames; i++)
-                    send_masked(c->fd, 0x1, (const uint8_t *)"ping", 4);
+                    send_masked(c, 0x1, (const uint8_t *)"ping", 4);
             }
         }
     }
     ssize_t used = parse_frames(c, rbuf + off, n - off, now);
-    if (used < 0) return; /* closed */
+    if (used < 0) return 0; /* closed */
     off += (size_t)used;
     keep_leftover(c, rbuf + off, n - off);
+    if (ended) {
+        on_lost(c, ended);
+        return 0;
+    }
     if (mode != M_CONNECT_RATE) maybe_ready();
-    return;
+    return more;
 lost_eof:
     on_lost(c, 1);
-    return;
+    return 0;
 lost_reset:
     on_lost(c, 2);
+    return 0;
+}
+
+static void on_readable(long slot) {
+    while (read_once(slot) && conns[slot].fd >= 0) {
+    }
+}
+
+static void send_request(long slot);
+
+static void handshake_failed(conn_t *c) {
+    if (mode == M_CONNECT_RATE) {
+        cr_fail_tls++;
+    } else {
+        n_failed++;
+        n_handshake_fail++;
+        n_tls_fail++;
+        if (n_tls_fail <= 3) {
+            char err[256];
+            ERR_error_string_n(ERR_peek_last_error(), err, sizeof err);
+            fprintf(stderr, "loadclient: TLS handshake failed: %s\n", err);
+        }
+    }
+    ERR_clear_error();
+    conn_close(c, 0);
+    if (mode != M_CONNECT_RATE) maybe_ready();
+}
+
+/* One step of the non-blocking TLS handshake; on completion, the upgrade request. */
+static void tls_step(long slot) {
+    conn_t *c = &conns[slot];
+    int r = SSL_do_handshake(c->ssl);
+    if (r == 1) {
+        send_request(slot);
+        return;
+    }
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ) set_events(c, slot, EPOLLIN);
+    else if (e == SSL_ERROR_WANT_WRITE) set_events(c, slot, EPOLLOUT);
+    else handshake_failed(c);
 }
 
 static void on_writable(long slot) {
@@ -543,7 +653,21 @@ static void on_writable(long slot) {
         if (mode != M_CONNECT_RATE) maybe_ready();
         return;
     }
-    ssize_t w = write(c->fd, request, request_len);
+    if (use_tls) {
+        c->ssl = SSL_new(tls_ctx);
+        if (!c->ssl || !SSL_set_fd(c->ssl, c->fd)) abort();
+        SSL_set_connect_state(c->ssl);
+        c->state = S_TLS;
+        tls_step(slot);
+        return;
+    }
+    send_request(slot);
+}
+
+/* The upgrade request, once connected (and, with --tls, the TLS handshake done). */
+static void send_request(long slot) {
+    conn_t *c = &conns[slot];
+    ssize_t w = conn_write(c, request, request_len);
     if (w != (ssize_t)request_len) {
         if (mode == M_CONNECT_RATE) cr_fail_connect++;
         else {
@@ -715,6 +839,10 @@ static int run_subscribe(void) {
                 if (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_writable((long)slot);
                 continue;
             }
+            if (c->state == S_TLS) {
+                tls_step((long)slot);
+                continue;
+            }
             if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable((long)slot);
         }
         int64_t now = now_mono();
@@ -722,7 +850,8 @@ static int run_subscribe(void) {
             next_timeout_check = now + 1000000000LL;
             for (long i = 0; i < n_started; i++) {
                 conn_t *c = &conns[i];
-                if ((c->state == S_CONNECTING || c->state == S_HANDSHAKE) && c->fd >= 0 &&
+                if ((c->state == S_CONNECTING || c->state == S_TLS || c->state == S_HANDSHAKE) &&
+                    c->fd >= 0 &&
                     now - c->started_ns > HANDSHAKE_TIMEOUT_NS) {
                     n_failed++;
                     n_timeout++;
@@ -782,6 +911,10 @@ static int run_connect_rate(void) {
                 if (evs[i].events & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_writable(slot);
                 continue;
             }
+            if (c->state == S_TLS) {
+                tls_step(slot);
+                continue;
+            }
             if (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable(slot);
         }
         now = now_mono();
@@ -799,14 +932,16 @@ static int run_connect_rate(void) {
     double secs = (double)(now_mono() - start) / 1e9;
     for (long i = 0; i < nslots; i++)
         if (conns[i].fd >= 0) conn_close(&conns[i], 1);
-    uint64_t fails = cr_fail_connect + cr_fail_reset + cr_fail_eof + cr_fail_status + cr_timeout;
+    uint64_t fails =
+        cr_fail_connect + cr_fail_reset + cr_fail_eof + cr_fail_status + cr_timeout + cr_fail_tls;
     printf("{\"event\":\"final\",\"mode\":\"connect-rate\",\"seconds\":%.3f,\"concurrency\":%ld,"
            "\"close\":\"%s\",\"attempts\":%" PRIu64 ",\"upgrades\":%" PRIu64
            ",\"upgrades_per_s\":%.1f,\"failures\":%" PRIu64 ",\"fail_connect\":%" PRIu64
            ",\"fail_reset\":%" PRIu64 ",\"fail_eof\":%" PRIu64 ",\"fail_status\":%" PRIu64
-           ",\"fail_timeout\":%" PRIu64 ",\"upgrade_ms\":",
+           ",\"fail_timeout\":%" PRIu64 ",\"fail_tls\":%" PRIu64 ",\"tls\":%s,\"upgrade_ms\":",
            secs, concurrency, close_ws ? "ws" : "rst", attempts, cr_ok, (double)cr_ok / secs, fails,
-           cr_fail_connect, cr_fail_reset, cr_fail_eof, cr_fail_status, cr_timeout);
+           cr_fail_connect, cr_fail_reset, cr_fail_eof, cr_fail_status, cr_timeout, cr_fail_tls,
+           use_tls ? "true" : "false");
     print_latency(stdout, &lat);
     printf("}\n");
     fflush(stdout);
@@ -826,6 +961,7 @@ static void usage(void) {
             "  --close ws|rst        connect-rate: close handshake or abort (ws)\n"
             "  --header 'Name: v'    extra request header (e.g. Authorization)\n"
             "  --send-frames N       once open: a subscribe frame, then N-1 text pings\n"
+            "  --tls                 wss:// (no certificate verification, no resumption)\n"
             "  --no-stdin            do not read commands from stdin\n"
             "  --ready-timeout S     give up waiting for all connections (120)\n");
     exit(2);
@@ -842,7 +978,8 @@ int main(int argc, char **argv) {
         {"stream", 1, 0, 's'},      {"connections", 1, 0, 'n'},   {"inflight", 1, 0, 'i'},
         {"concurrency", 1, 0, 'c'}, {"duration", 1, 0, 'd'},      {"src-ips", 1, 0, 'S'},
         {"close", 1, 0, 'C'},       {"header", 1, 0, 'H'},        {"no-stdin", 0, 0, 'N'},
-        {"ready-timeout", 1, 0, 'R'}, {"send-frames", 1, 0, 'F'}, {0, 0, 0, 0}};
+        {"ready-timeout", 1, 0, 'R'}, {"send-frames", 1, 0, 'F'}, {"tls", 0, 0, 'T'},
+        {0, 0, 0, 0}};
     int o;
     optind = 2;
     while ((o = getopt_long(argc, argv, "", opts, NULL)) != -1) {
@@ -863,6 +1000,7 @@ int main(int argc, char **argv) {
         case 'H': extra_header = optarg; break;
         case 'F': send_frames = atoi(optarg); break;
         case 'N': use_stdin = 0; break;
+        case 'T': use_tls = 1; break;
         case 'R': ready_timeout = atof(optarg); break;
         default: usage();
         }
@@ -880,6 +1018,17 @@ int main(int argc, char **argv) {
     sigaction(SIGINT, &sa, NULL);
     raise_nofile((mode == M_CONNECT_RATE ? concurrency : nconns) + 64);
     rbuf = malloc(RBUF_SIZE);
+    if (use_tls) {
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (!tls_ctx) abort();
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_session_cache_mode(tls_ctx, SSL_SESS_CACHE_OFF);
+        SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
+        /* one read() for several records; partial writes are never retried here */
+        SSL_CTX_set_read_ahead(tls_ctx, 1);
+        SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    }
     ep = epoll_create1(EPOLL_CLOEXEC);
     build_request();
     if (mode == M_CONNECT_RATE) return run_connect_rate();

@@ -62,6 +62,10 @@ def log(message: str) -> None:
 # Building the C tools.
 
 
+# Libraries a tool links with (the load client's --tls is OpenSSL's).
+LIBS = {"loadclient": ["-lssl", "-lcrypto"]}
+
+
 def build(name: str) -> Path:
     """Compile bench/<name>.c into bench/out/<name> when missing or older than the source."""
     source = BENCH / f"{name}.c"
@@ -70,7 +74,9 @@ def build(name: str) -> Path:
     if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         cc = os.environ.get("CC", "cc")
         log(f"compiling {source.name}")
-        subprocess.run([cc, "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+        subprocess.run(
+            [cc, "-O2", "-Wall", "-o", str(binary), str(source), *LIBS.get(name, [])], check=True
+        )
     return binary
 
 
@@ -237,6 +243,21 @@ def ensure_keys() -> Path:
     return public
 
 
+def ensure_certificate() -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for 127.0.0.1 in bench/out/ (``--tls``):
+    the key type of most public certificates now, and a cheap one to sign with."""
+    cert, key = OUT / "tls-cert.pem", OUT / "tls-key.pem"
+    if not cert.exists() or not key.exists():
+        OUT.mkdir(exist_ok=True)
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "3650",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return cert, key
+
+
 class Target:
     """A server command line to benchmark; ``rango`` is this checkout."""
 
@@ -275,12 +296,16 @@ class Server(Gateway):
         self.workers = workers or args.workers
         LOGS.mkdir(parents=True, exist_ok=True)
         own = {"RANGO_WORKERS": str(self.workers), "LOG_LEVEL": args.log_level}
+        cert, key = ensure_certificate() if getattr(args, "tls", False) else ("", "")
+        if cert:
+            own.update(RANGO_TLS_CERTFILE=str(cert), RANGO_TLS_KEYFILE=str(key))
         given = dict(item.split("=", 1) for item in getattr(args, "server_env", None) or [])
         super().__init__(LOGS, f"{bench}-{target.label}", {**own, **given, **(env or {})})
         self.exchange = f"rango.bench.{bench}.{secrets.token_hex(4)}"
         self.ctx = {
             "port": self.port, "metrics_port": self.metrics_port, "exchange": self.exchange,
             "pubkey": str(ensure_keys()), "amqp_url": args.amqp_url, "workers": self.workers,
+            "certfile": str(cert), "keyfile": str(key),
         }  # fmt: skip
         self._tcp_since: float | None = None
 
@@ -369,6 +394,8 @@ class LoadClient:
             argv += ["--stream", stream]
         if getattr(args, "send_frames", 0):
             argv += ["--send-frames", str(args.send_frames)]
+        if getattr(args, "tls", False):
+            argv.append("--tls")
         if getattr(args, "deflate", False):
             # Offered as browsers do; frames with RSV1 are counted, not parsed.
             offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"
@@ -786,6 +813,8 @@ def bench_connect_rate(args: argparse.Namespace, target: Target) -> Result:
                 "--stream", stream, "--concurrency", str(args.concurrency),
                 "--duration", str(args.seconds), "--close", args.close,
                 "--src-ips", str(args.src_ips)]  # fmt: skip
+        if args.tls:
+            argv.append("--tls")
         before = server.metrics()
         with profiler(args, server, "connect-rate"):
             meter = CpuMeter(server.pid, [])
@@ -891,7 +920,8 @@ def _get(results: dict[str, Any], dotted: str) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of :func:`main` (bench/tls.py builds its rows with it)."""
     parser = argparse.ArgumentParser(
         prog="bench/run.py", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -924,6 +954,12 @@ def main(argv: list[str] | None = None) -> int:
         "--deflate", action="store_true",
         help="clients offer permessage-deflate (compressed frames are counted, not parsed: "
         "no latency samples)",
+    )  # fmt: skip
+    common.add_argument(
+        "--tls", action="store_true",
+        help="wss://: the server gets a self-signed ECDSA certificate (bench/out/tls-*.pem; "
+        "Rango by RANGO_TLS_CERTFILE/KEYFILE, a --target by {certfile} {keyfile}), the load "
+        "client does a full TLS handshake per connection",
     )  # fmt: skip
     common.add_argument("--size", type=int, default=BODY_SIZE, help="event body bytes")
     common.add_argument("--market", default="benchusd", help="stream is <market>.trades")
@@ -1002,6 +1038,28 @@ def main(argv: list[str] | None = None) -> int:
     args.amqp_url = (
         f"amqp://{args.amqp_user}:{args.amqp_password}@{args.amqp_host}:{args.amqp_port}/"
     )
+    return args
+
+
+def run_line(args: argparse.Namespace, target: Target, run: int, sha: str | None) -> dict[str, Any]:
+    """One run of ``args.bench`` against ``target``: its JSON line."""
+    before = loadavg()
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    source = source_digest()
+    params, results, cpu = BENCHES[args.bench](args, target)
+    if args.tls:
+        params["tls"] = True
+    return {
+        "bench": args.bench, "date": started, "target": target.label,
+        "run": run, "params": params, "results": results, "cpu_seconds": cpu,
+        "loadavg_before": before, "loadavg_after": loadavg(), "git": sha,
+        "source": source,
+        "nproc": os.cpu_count(),
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     targets = [Target(t) for t in (args.target or ["rango"])]
     build("loadclient")
     build("amqppub")
@@ -1014,19 +1072,9 @@ def main(argv: list[str] | None = None) -> int:
     collected: dict[str, list[dict[str, Any]]] = {t.label: [] for t in targets}
     for run in range(args.runs):
         for target in targets:  # alternate targets run by run
-            before = loadavg()
-            started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            source = source_digest()
-            params, results, cpu = BENCHES[args.bench](args, target)
-            line = {
-                "bench": args.bench, "date": started, "target": target.label,
-                "run": run + 1, "params": params, "results": results, "cpu_seconds": cpu,
-                "loadavg_before": before, "loadavg_after": loadavg(), "git": sha,
-                "source": source,
-                "nproc": os.cpu_count(),
-            }  # fmt: skip
+            line = run_line(args, target, run + 1, sha)
             emit(line, args.output)
-            collected[target.label].append(results)
+            collected[target.label].append(line["results"])
     if args.runs > 1:
         for label, runs in collected.items():
             medians = {}
