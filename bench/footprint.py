@@ -55,10 +55,8 @@ def rollup(pid: int) -> dict[str, int]:
 def role(pid: int, root: int) -> str:
     if pid == root:
         return "supervisor"
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().strip()
-    except OSError:
+    comm = procfs.comm(pid)
+    if not comm:
         return "gone"
     if comm.startswith("rango-worker"):
         return "worker"

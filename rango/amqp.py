@@ -289,4 +289,3 @@ def _ignore_pika_connect_race(loop: asyncio.AbstractEventLoop) -> None:
             loop.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
-

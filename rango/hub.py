@@ -222,15 +222,15 @@ class Hub:
         increments first, so the client's book starts complete (PROTOCOL §5).
         """
         self.flush()  # frames of earlier events go before the answer
-        subscriptions = client.subscriptions
+        current = client.subscriptions
         changed: dict[str, None] | None = None  # a copy, once there is a change
         for stream in streams:
-            if stream in (subscriptions if changed is None else changed):
+            if stream in current:
                 continue
             kind = stream_kind(stream)
             if kind is None or not all(stream.split(".")):
                 continue  # no routing key can ever match it
-            if len(subscriptions if changed is None else changed) >= self.max_subscriptions:
+            if len(current) >= self.max_subscriptions:
                 reason = f"cannot subscribe to {stream}: too many subscriptions"
                 client.push(self.encode(success(reason)))
                 continue
@@ -258,27 +258,27 @@ class Hub:
                     continue
                 self.prefixed.setdefault(stream, set()).add(client)
             if changed is None:
-                changed = dict(subscriptions)
+                current = changed = dict(current)
             changed[stream] = None
             self._count(kind, stream, 1)
         if changed is not None:
-            subscriptions = client.subscriptions = subscriptions_of(changed)
-        client.push(self.encode(success("subscribed", list(subscriptions))))
+            current = client.subscriptions = subscriptions_of(changed)
+        client.push(self.encode(success("subscribed", list(current))))
 
     def unsubscribe(self, client: Subscriber, streams: Iterable[str]) -> None:
         """Unsubscribe ``client``, then push the list of its remaining subscriptions."""
         self.flush()
-        subscriptions = client.subscriptions
+        current = client.subscriptions
         changed: dict[str, None] | None = None
         for stream in streams:
-            if stream in (subscriptions if changed is None else changed):
+            if stream in current:
                 self._remove(client, stream)
                 if changed is None:
-                    changed = dict(subscriptions)
+                    current = changed = dict(current)
                 del changed[stream]
         if changed is not None:
-            subscriptions = client.subscriptions = subscriptions_of(changed)
-        client.push(self.encode(success("unsubscribed", list(subscriptions))))
+            current = client.subscriptions = subscriptions_of(changed)
+        client.push(self.encode(success("unsubscribed", list(current))))
 
     def _remove(self, client: Subscriber, stream: str) -> None:
         kind = stream_kind(stream)

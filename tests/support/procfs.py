@@ -57,18 +57,10 @@ def descendants(root: int) -> list[int]:
     return pids
 
 
-def pids_named(comm: str) -> list[int]:
-    """Pids whose command name (/proc/<pid>/comm) is ``comm``, e.g. ``beam.smp``."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == comm:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
+def pids_named(name: str) -> list[int]:
+    """Pids whose command name (/proc/<pid>/comm) is ``name``, e.g. ``beam.smp``."""
+    pids = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
+    return [pid for pid in pids if comm(pid) == name]
 
 
 def comm(pid: int) -> str:
