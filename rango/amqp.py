@@ -5,8 +5,11 @@ to the topic exchange, consumed with automatic acknowledgement (PROTOCOL §5).
 Each delivery is handed straight to a callback on the event loop: no thread
 and no task per message.
 
-When the broker is unreachable or the connection drops, the consumer retries
-with capped exponential backoff and reports each change of state once.
+Several brokers (a RabbitMQ cluster's nodes) may be given: the consumer starts at
+the one it is told and, when its node is lost or refuses, moves on to the next at
+once and declares a new queue there (an exclusive queue lives on one node and dies
+with it). Once every node has failed in a row, it retries the whole list with
+capped exponential backoff. Each change of state is reported once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
@@ -30,7 +33,7 @@ from pika.channel import Channel
 from pika.exchange_type import ExchangeType
 from pika.spec import Basic
 
-__all__ = ["Consumer", "State", "queue_name"]
+__all__ = ["HEARTBEAT", "Consumer", "State", "queue_name"]
 
 log = logging.getLogger("rango.amqp")
 
@@ -39,6 +42,10 @@ BACKOFF_CAP = 2.0  # the broker's return is noticed within 2 s
 # While consuming, the exchange is re-declared and the queue re-bound this often:
 # an exchange deleted (and re-created by a publisher) is bound again within it.
 REBIND_INTERVAL = 2.0
+# Seconds between AMQP heartbeats unless the URL sets ``heartbeat=``: a path cut
+# silently (no FIN, no RST) is noticed after two missed ones, instead of the
+# broker's 60 s proposal; as Go Rango's amqp091 client.
+HEARTBEAT = 10
 
 
 class State(Enum):
@@ -58,22 +65,22 @@ class Consumer:
 
     def __init__(
         self,
-        url: str,
+        urls: str | Sequence[str],
         exchange: str,
         on_event: Callable[[str, bytes], None],
         on_state: Callable[[State], None] = lambda state: None,
         queue: str | None = None,
+        first: int = 0,
     ) -> None:
-        self.parameters = pika.URLParameters(url)
-        self.parameters.connection_attempts = 1
-        self.parameters.socket_timeout = 5
+        """Consume from ``urls`` (one URL or a cluster's), starting at entry ``first``
+        (mod their number). ``queue`` fixes the queue's name; by default each
+        connection declares a new one named by :func:`queue_name`."""
+        self.nodes = [_parameters(url) for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self.nodes:
+            raise ValueError("no broker URL")
+        self._index = first % len(self.nodes)
+        self._fixed_queue = queue
         self.queue = queue or queue_name()
-        # Named after the queue so `rabbitmqctl list_connections` shows host and pid.
-        self.parameters.client_properties = {"connection_name": self.queue}
-        # Where the broker is, for the log (never the credentials).
-        host = self.parameters.host
-        host = f"[{host}]" if ":" in host else host
-        self.address = f"{host}:{self.parameters.port}"
         self.exchange = exchange
         self.on_event = on_event
         self.on_state = on_state
@@ -82,11 +89,17 @@ class Consumer:
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
         self._backoff = BACKOFF_FIRST
-        self._retry: asyncio.TimerHandle | None = None
+        self._failures = 0  # attempts failed in a row since the last consume
+        self._retry: asyncio.Handle | None = None
         self._rebind: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._reported = False
         _ignore_pika_connect_race(self._loop)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the node in use or being tried (never the credentials)."""
+        return self.nodes[self._index][1]
 
     @property
     def consuming(self) -> bool:
@@ -124,8 +137,14 @@ class Consumer:
         if self.state is State.STOPPED:
             return
         self._set_state(State.CONNECTING)
+        parameters = self.nodes[self._index][0]
+        # A new name per connection: the old exclusive queue may outlive a cut
+        # connection on its node for a while, and would refuse a second owner.
+        self.queue = self._fixed_queue or queue_name()
+        # Named after the queue so `rabbitmqctl list_connections` shows host and pid.
+        parameters.client_properties = {"connection_name": self.queue}
         self._connection = AsyncioConnection(
-            self.parameters,
+            parameters,
             on_open_callback=self._on_open,
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed,
@@ -159,6 +178,7 @@ class Consumer:
         assert self._channel is not None
         self._channel.basic_consume(self.queue, self._on_message, auto_ack=True)
         self._backoff = BACKOFF_FIRST
+        self._failures = 0
         if self._reported:
             log.warning("RabbitMQ is back")
         self._reported = False
@@ -217,13 +237,28 @@ class Consumer:
         self._lost(f"RabbitMQ connection to {self.address} lost: {_describe(reason)}")
 
     def _lost(self, message: str) -> None:
+        """An attempt failed or the connection dropped: try the next node now, or,
+        once every node has failed in a row, the whole list again after a backoff."""
         if self.state is State.STOPPED:
             return
+        self._failures += 1
+        count = len(self.nodes)
+        self._index = (self._index + 1) % count
+        at_once = self._failures % count != 0  # the round of the list is not over
         if not self._reported:
-            # One line per change of state, not one per retry.
-            self._reported = True
-            log.error("%s; retrying every %.2g s at most", message, BACKOFF_CAP)
+            # One line per change of state, not one per retry: a move to another
+            # node is one; an outage of them all is one, until the first consume.
+            if at_once:
+                log.warning("%s; trying %s", message, self.address)
+            else:
+                self._reported = True
+                every = f"retrying every {BACKOFF_CAP:.2g} s at most"
+                log.error("%s; %s", message, every if count == 1 else
+                          f"no node of {count} reachable, {every}")
         self._set_state(State.DISCONNECTED)
+        if at_once:
+            self._retry = self._loop.call_soon(self._connect)
+            return
         self._retry = self._loop.call_later(self._backoff, self._connect)
         self._backoff = min(self._backoff * 2, BACKOFF_CAP)
 
@@ -235,10 +270,25 @@ class Consumer:
             self._rebind.cancel()
             self._rebind = None
         if state is State.CONSUMING:
-            log.info("consuming %s from exchange %s", self.queue, self.exchange)
+            log.info("consuming %s from exchange %s on %s", self.queue, self.exchange,
+                     self.address)
         elif state is State.CONNECTING and previous is State.DISCONNECTED:
             log.debug("connecting to RabbitMQ")
         self.on_state(state)
+
+
+def _parameters(url: str) -> tuple[pika.URLParameters, str]:
+    """pika's parameters of one broker URL, and its ``host:port`` for logs and metrics."""
+    parameters = pika.URLParameters(url)
+    parameters.connection_attempts = 1
+    parameters.socket_timeout = 5
+    # The whole attempt (TCP, AMQP handshake, channel) ends within this, not pika's
+    # 15 s: a node that accepts and then stalls must not hold up the next node.
+    parameters.stack_timeout = 5
+    if "heartbeat=" not in url.partition("?")[2]:
+        parameters.heartbeat = HEARTBEAT
+    host = parameters.host
+    return parameters, f"[{host}]:{parameters.port}" if ":" in host else f"{host}:{parameters.port}"
 
 
 def _describe(error: BaseException) -> str:

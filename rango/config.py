@@ -47,7 +47,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "EnvReader",
-    "amqp_url_from_env",
+    "amqp_urls_from_env",
     "exchange_from_env",
     "load_public_key_pem",
     "parse_addr",
@@ -66,7 +66,7 @@ class Config:
     ws_port: int = field_default("ws_port")
     metrics_host: str = field_default("metrics_host")
     metrics_port: int = field_default("metrics_port")
-    amqp_url: str = field_default("amqp_url")
+    amqp_urls: tuple[str, ...] = field_default("amqp_urls")
     exchange: str = field_default("exchange")
     jwt_public_key: bytes = field_default("jwt_public_key")
     jwt_algorithm: str = field_default("jwt_algorithm")
@@ -193,16 +193,18 @@ def exchange_from_env(env: Mapping[str, str] | None = None, flag: str | None = N
     return str(setting("RANGO_EXCHANGE").read(source))
 
 
-def amqp_url_from_env(env: Mapping[str, str] | None = None, addr: str | None = None) -> str:
-    """Return the RabbitMQ URL of the ``--amqp-addr`` flag, else of ``RABBITMQ_*``.
+def amqp_urls_from_env(
+    env: Mapping[str, str] | None = None, addr: str | None = None
+) -> tuple[str, ...]:
+    """Return the RabbitMQ URLs of the ``--amqp-addr`` flag, else of ``RABBITMQ_*``.
 
-    ``addr``, the flag's value, is checked and returned when given. Otherwise the
-    URL is built from ``RABBITMQ_USER``, ``RABBITMQ_PASSWORD``, ``RABBITMQ_HOST``
-    and ``RABBITMQ_PORT`` in ``env`` (default: ``os.environ``), as their rows
-    say.
+    ``addr``, the flag's value (one URL or a comma list), is checked and returned when
+    given. Otherwise one URL per ``RABBITMQ_HOST`` entry is built with
+    ``RABBITMQ_USER``, ``RABBITMQ_PASSWORD`` and ``RABBITMQ_PORT`` in ``env``
+    (default: ``os.environ``), as their rows say.
 
-    Raises :class:`ConfigError` if ``addr`` is not an ``amqp://`` or ``amqps://``
-    URL or ``RABBITMQ_PORT`` is not a port number.
+    Raises :class:`ConfigError` if an entry is not an ``amqp://`` or ``amqps://``
+    URL, not a host or ``host:port``, or ``RABBITMQ_PORT`` is not a port number.
     """
     source = Source(os.environ if env is None else env, {"amqp_addr": addr})
-    return str(setting("RABBITMQ_HOST").read(source))
+    return tuple(setting("RABBITMQ_HOST").read(source))

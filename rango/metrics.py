@@ -19,12 +19,17 @@ import os
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from .hub import Hub, Observer
+
+if TYPE_CHECKING:
+    from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = [
     "Exporter",
@@ -88,8 +93,8 @@ EVENT_ROUTING = Histogram(
 )
 AMQP_CONNECTED = Gauge(
     "rango_amqp_connected",
-    "1 while the worker consumes from RabbitMQ, else 0",
-    ["worker"],
+    "1 while the worker consumes from RabbitMQ, else 0; node: the broker it uses or tries",
+    ["worker", "node"],
     multiprocess_mode="livemax",
 )
 
@@ -129,7 +134,7 @@ class Metrics(Observer):
         self._clients_written = -1
         self.routing = RoutingTimes()
         self._routing = EVENT_ROUTING.labels(worker)
-        AMQP_CONNECTED.labels(worker).set(0)
+        self._node: str | None = None
 
     def clients(self, count: int) -> None:
         # Written by sync(): a multiprocess gauge write takes a lock and an
@@ -149,8 +154,17 @@ class Metrics(Observer):
             # what is subscribed now.
             SUBSCRIPTIONS.remove(kind, topic)
 
-    def amqp_connected(self, connected: bool) -> None:
-        AMQP_CONNECTED.labels(self.worker).set(1 if connected else 0)
+    def amqp_connected(self, connected: bool, node: str) -> None:
+        """The worker's AMQP state and node: one series per worker, of its current node."""
+        if node != self._node and self._node is not None:
+            if _MULTIPROCESS:
+                # Multiprocess files never forget a label set: NaN marks the node
+                # left, and the exporter leaves NaN series of this gauge out.
+                AMQP_CONNECTED.labels(self.worker, self._node).set(math.nan)
+            else:
+                AMQP_CONNECTED.remove(self.worker, self._node)
+        self._node = node
+        AMQP_CONNECTED.labels(self.worker, node).set(1 if connected else 0)
 
     def dropped(self, reason: str) -> None:
         EVENTS_DROPPED.labels(reason).inc()
@@ -422,6 +436,21 @@ class _Subscriptions:
         yield family
 
 
+class _WithoutLeftNodes(Collector):
+    """The workers' multiprocess metrics without the ``rango_amqp_connected`` series
+    of nodes a worker has left (:meth:`Metrics.amqp_connected` marks them NaN)."""
+
+    def __init__(self, collector: MultiProcessCollector) -> None:
+        self.collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.collector.collect():
+            if family.name == "rango_amqp_connected":
+                family.samples = [sample for sample in family.samples
+                                  if not math.isnan(sample.value)]
+            yield family
+
+
 class Exporter:
     """Serves the workers' metrics from a ``PROMETHEUS_MULTIPROC_DIR``.
 
@@ -438,7 +467,7 @@ class Exporter:
         self.directory = directory
         self.name = name
         self.registry = CollectorRegistry()
-        self._workers_collector = MultiProcessCollector(None, path=directory)
+        self._workers_collector = _WithoutLeftNodes(MultiProcessCollector(None, path=directory))
         self.registry.register(self._workers_collector)
         self.registry.register(_Subscriptions(directory))
         PlatformCollector(registry=self.registry)
@@ -572,9 +601,10 @@ class Exporter:
         if not workers:
             return False
         self.prune()
-        states = {}
+        states: dict[str | None, float] = {}
         for family in self._workers_collector.collect():
             if family.name == "rango_amqp_connected":
                 for sample in family.samples:
-                    states[sample.labels.get("worker")] = sample.value
+                    worker = sample.labels.get("worker")
+                    states[worker] = max(states.get(worker, 0.0), sample.value)
         return all(states.get(worker) == 1 for worker in workers)

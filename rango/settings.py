@@ -338,22 +338,63 @@ def _addr_port(value: str, name: str) -> int:
     return parse_addr(value, name)[1]
 
 
-def _amqp_url(row: Setting, source: Source) -> str:
-    """The ``--amqp-addr`` URL, checked; else the URL of the ``RABBITMQ_*`` variables."""
+def _amqp_urls(row: Setting, source: Source) -> tuple[str, ...]:
+    """The ``--amqp-addr`` URLs, checked; else one URL per ``RABBITMQ_HOST`` entry.
+
+    Both take a comma list (a RabbitMQ cluster's nodes); each entry is checked here,
+    once, so that a value pika refuses stops start-up rather than every worker.
+    """
     addr = source.flag(row.flag)
     if addr is not None:
-        return _check_amqp_url(str(addr), AMQP_ADDR.name)
-    host = row.value(source)
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"  # an IPv6 address in a URL (RFC 3986 3.2.2)
-    url = "amqp://{}:{}@{}:{}/".format(
-        quote(source.value("RABBITMQ_USER"), safe=""),
-        quote(source.value("RABBITMQ_PASSWORD"), safe=""),
-        host,
-        source.value("RABBITMQ_PORT"),
-    )
-    _check_with_pika(url, row.name, row.value(source))
-    return url
+        return tuple(
+            _check_amqp_url(entry, AMQP_ADDR.name) for entry in _entries(str(addr), AMQP_ADDR.name)
+        )
+    user = quote(source.value("RABBITMQ_USER"), safe="")
+    password = quote(source.value("RABBITMQ_PASSWORD"), safe="")
+    default_port = source.value("RABBITMQ_PORT")
+    urls = []
+    for entry in _entries(row.value(source), row.name):
+        host, port_number = broker_host(entry, default_port, row.name)
+        url = f"amqp://{user}:{password}@{host}:{port_number}/"
+        _check_with_pika(url, row.name, entry)
+        urls.append(url)
+    return tuple(urls)
+
+
+def _entries(value: str, name: str) -> list[str]:
+    """The entries of a comma list that must have no empty entry."""
+    entries = [entry.strip() for entry in value.split(",")]
+    if not all(entries):
+        raise ConfigError(f"{name}: {value!r} has an empty entry")
+    return entries
+
+
+def broker_host(entry: str, default_port: int, name: str) -> tuple[str, int]:
+    """One ``RABBITMQ_HOST`` entry as (host as in a URL, port).
+
+    ``host``, ``host:port``, ``[v6]``, ``[v6]:port``, or a bare IPv6 address (more
+    than one colon, as Ranger and Go Rango take ``::1``), which then has no port.
+    An IPv6 address comes back bracketed, as a URL needs it (RFC 3986 3.2.2).
+    """
+    if entry.startswith("["):
+        close = entry.find("]")
+        rest = entry[close + 1:] if close > 0 else None
+        if close <= 1 or (rest and not rest.startswith(":")):
+            raise ConfigError(f"{name}: {entry!r}: write an IPv6 address as [::1] or [::1]:5672")
+        host, port_text = entry[: close + 1], rest[1:] if rest else None
+    elif entry.count(":") > 1:
+        host, port_text = f"[{entry}]", None
+    else:
+        host, _, port_text = entry.partition(":")
+        port_text = port_text if ":" in entry else None
+        if not host:
+            raise ConfigError(f"{name}: {entry!r} has no host")
+    if port_text is None:
+        return host, default_port
+    try:
+        return host, _integer(port_text, 1, 65535)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {entry!r}: port {exc}") from None
 
 
 def _check_with_pika(url: str, name: str, shown: str) -> None:
@@ -370,6 +411,7 @@ def _check_with_pika(url: str, name: str, shown: str) -> None:
 
 
 def _check_amqp_url(url: str, name: str) -> str:
+    """One ``--amqp-addr`` URL, checked as the workers will parse it."""
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
@@ -521,7 +563,7 @@ WS_ADDR = Flag(
 )
 AMQP_ADDR = Flag(
     spellings=("--amqp-addr", "-amqp-addr"), dest="amqp_addr", metavar="URL",
-    help="RabbitMQ URL, `amqp[s]://user:pass@host:port/vhost`",
+    help="RabbitMQ URL, `amqp[s]://user:pass@host:port/vhost`, or a comma list of them",
 )
 PUB_KEY = Flag(
     spellings=("--pubKey", "-pubKey", "--pub-key"), dest="pub_key", metavar="FILE",
@@ -565,16 +607,18 @@ SETTINGS: tuple[Setting, ...] = (
         name="RANGER_PORT", group="ranger", parse=port, default=8080, field="ws_port",
         help="websocket listener port", flag=WS_ADDR, from_flag=_addr_port,
     ),
-    # One field, the broker's URL, from four variables (or the flag): the first row
+    # One field, the brokers' URLs, from four variables (or the flag): the first row
     # builds it from the others.
     Setting(
-        name="RABBITMQ_HOST", group="ranger", default="localhost", field="amqp_url",
-        help="broker host (an IPv6 address may be bare: `::1`)",
-        flag=AMQP_ADDR, build=_amqp_url, builds_default=True,
+        name="RABBITMQ_HOST", group="ranger", default="localhost", field="amqp_urls",
+        help="broker host, or a comma list of a cluster's nodes, each `host` or `host:port` "
+        "(IPv6: `[::1]:5672`, or bare `::1` without a port); worker *i* starts at entry "
+        "*i* mod n and moves to the next when its node is lost",
+        flag=AMQP_ADDR, build=_amqp_urls, builds_default=True,
     ),
     Setting(
-        name="RABBITMQ_PORT", group="ranger", parse=port, default=5672, help="broker port",
-        flag=AMQP_ADDR,
+        name="RABBITMQ_PORT", group="ranger", parse=port, default=5672,
+        help="broker port of the `RABBITMQ_HOST` entries that give none", flag=AMQP_ADDR,
     ),
     Setting(name="RABBITMQ_USER", group="ranger", default="guest", help="broker user",
             flag=AMQP_ADDR),

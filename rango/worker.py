@@ -78,7 +78,11 @@ class Worker:
         self.server.routing = self.metrics.routing
         self._delivered = self.server.delivered.append
         self._bound_connections()
-        self.consumer = Consumer(config.amqp_url, config.exchange, self.on_event, self.on_state)
+        # Worker i starts at node i mod n, so that a host's workers spread over a cluster.
+        first = int(self.name) if self.name.isdigit() else 0
+        self.consumer = Consumer(
+            config.amqp_urls, config.exchange, self.on_event, self.on_state, first=first
+        )
         self._drops = RateLimited(log, interval=10.0)
         self._http: asyncio.AbstractServer | None = None
         self._syncer: asyncio.Task[None] | None = None
@@ -124,7 +128,7 @@ class Worker:
                         reason.explanation, exc_info=exc_info)
 
     def on_state(self, state: State) -> None:
-        self.metrics.amqp_connected(state is State.CONSUMING)
+        self.metrics.amqp_connected(state is State.CONSUMING, self.consumer.address)
         if state is State.DISCONNECTED:
             # Events may be missed while away: a stored book would have a gap.
             self.hub.reset_books()

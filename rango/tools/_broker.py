@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
-from ..config import DEFAULT_EXCHANGE, ConfigError, amqp_url_from_env, exchange_from_env
+from ..config import DEFAULT_EXCHANGE, ConfigError, amqp_urls_from_env, exchange_from_env
 from ._common import FAILED, ToolError
 
 if TYPE_CHECKING:
@@ -38,7 +38,8 @@ def add_amqp_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--amqp-addr", "-amqp-addr", dest="amqp_addr", metavar="URL",
         default=argparse.SUPPRESS,
-        help="RabbitMQ URL (default: built from RABBITMQ_HOST, _PORT, _USER, _PASSWORD)",
+        help="RabbitMQ URL, or a comma list of a cluster's (default: built from "
+        "RABBITMQ_HOST, _PORT, _USER, _PASSWORD); the first that answers is used",
     )  # fmt: skip
     parser.add_argument(
         "--exchange", "-exchange", dest="exchange", metavar="NAME", default=argparse.SUPPRESS,
@@ -54,34 +55,40 @@ def exchange_of(args: argparse.Namespace) -> str:
         raise ToolError(str(exc)) from None
 
 
-def amqp_url_of(args: argparse.Namespace) -> str:
-    """The broker URL from ``--amqp-addr``, else from the ``RABBITMQ_*`` variables."""
+def amqp_urls_of(args: argparse.Namespace) -> tuple[str, ...]:
+    """The broker URLs from ``--amqp-addr``, else from the ``RABBITMQ_*`` variables."""
     try:
-        return amqp_url_from_env(addr=getattr(args, "amqp_addr", None))
+        return amqp_urls_from_env(addr=getattr(args, "amqp_addr", None))
     except ConfigError as exc:
         raise ToolError(str(exc)) from None
 
 
 @contextlib.contextmanager
-def amqp_channel(url: str, exchange: str) -> Iterator[BlockingChannel]:
-    """Yield a channel with publisher confirms to ``exchange``, declared as publishers do.
+def amqp_channel(urls: str | Sequence[str], exchange: str) -> Iterator[BlockingChannel]:
+    """Yield a channel with publisher confirms to ``exchange``, declared as publishers do,
+    on the first of ``urls`` (a cluster's nodes) that answers.
 
     pika errors, on connecting or later, become a :class:`ToolError`.
     """
     import pika
     import pika.exceptions
 
-    try:
-        parameters = pika.URLParameters(url)
-    except ValueError as exc:
-        raise ToolError(f"--amqp-addr: {exc}") from None
-    if "heartbeat" not in urlsplit(url).query:
-        parameters.heartbeat = 0  # stdin may stay idle for long: keep the connection
-    where = redact(url)
-    try:
-        connection = pika.BlockingConnection(parameters)
-    except (pika.exceptions.AMQPError, OSError) as exc:
-        raise ToolError(f"cannot connect to {where}: {amqp_reason(exc)}", FAILED) from None
+    failures = []
+    for url in [urls] if isinstance(urls, str) else urls:
+        try:
+            parameters = pika.URLParameters(url)
+        except ValueError as exc:
+            raise ToolError(f"--amqp-addr: {exc}") from None
+        if "heartbeat" not in urlsplit(url).query:
+            parameters.heartbeat = 0  # stdin may stay idle for long: keep the connection
+        where = redact(url)
+        try:
+            connection = pika.BlockingConnection(parameters)
+            break
+        except (pika.exceptions.AMQPError, OSError) as exc:
+            failures.append(f"{where}: {amqp_reason(exc)}")
+    else:
+        raise ToolError(f"cannot connect to {'; '.join(failures)}", FAILED)
     try:
         channel = connection.channel()
         channel.exchange_declare(exchange, exchange_type="topic", durable=False)

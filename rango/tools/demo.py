@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from ._broker import Event, add_amqp_flags, amqp_channel, amqp_url_of, exchange_of, publish_events
+from ._broker import Event, add_amqp_flags, amqp_channel, amqp_urls_of, exchange_of, publish_events
 from ._common import DEFAULT_UID, OK, ToolError, add_command, plural, positive, warn
 from .market import DEMO_MARKETS, DemoMarket, demo_events
 
@@ -71,7 +71,7 @@ def demo(args: argparse.Namespace) -> int:
         raise ToolError(f"--uid {args.uid!r}: a uid cannot be empty or contain dots")
     rng = random.Random(args.seed)
     markets = [DemoMarket(name, rng) for name in dict.fromkeys(names)]
-    url = amqp_url_of(args)
+    urls = amqp_urls_of(args)
     exchange = exchange_of(args)
     published = 0
 
@@ -85,7 +85,7 @@ def demo(args: argparse.Namespace) -> int:
             published += 1  # resumed once the event is published
 
     events = demo_events(markets, args.uid, rng, args.snapshot_every, args.duration)
-    with amqp_channel(url, exchange) as channel:
+    with amqp_channel(urls, exchange) as channel:
         warn(
             "demo",
             f"publishing {', '.join(m.name for m in markets)} at {args.rate:g} "

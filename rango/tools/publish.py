@@ -18,7 +18,7 @@ from ._broker import (
     Event,
     add_amqp_flags,
     amqp_channel,
-    amqp_url_of,
+    amqp_urls_of,
     exchange_of,
     publish_events,
 )
@@ -84,7 +84,7 @@ def parse_event(line: bytes, raw: bool = False) -> Event | None:
 
 def publish(args: argparse.Namespace) -> int:
     """Publish the events of ``args.files`` (or stdin) to the exchange (see exchange_of)."""
-    url = amqp_url_of(args)
+    urls = amqp_urls_of(args)
     exchange = exchange_of(args)
     skipped = 0
 
@@ -95,7 +95,7 @@ def publish(args: argparse.Namespace) -> int:
 
     with contextlib.ExitStack() as stack:
         inputs = [_open_input(name, stack) for name in args.files or ["-"]]
-        channel = stack.enter_context(amqp_channel(url, exchange))
+        channel = stack.enter_context(amqp_channel(urls, exchange))
         events: Iterable[Event] = _read_events(inputs, args.raw, skip)
         if args.repeat > 1:
             events = list(events) * args.repeat

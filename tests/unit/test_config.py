@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from rango.config import Config, ConfigError, amqp_url_from_env, parse_addr
+from rango.config import Config, ConfigError, amqp_urls_from_env, parse_addr
 
 
 def public_pem(private_key: object) -> bytes:
@@ -51,7 +51,7 @@ def test_defaults_are_go_rangos(env: dict[str, str], rsa_pem: bytes) -> None:
     config = Config.from_env(env)
     assert (config.ws_host, config.ws_port) == ("0.0.0.0", 8080)
     assert (config.metrics_host, config.metrics_port) == ("0.0.0.0", 4242)
-    assert config.amqp_url == "amqp://guest:guest@localhost:5672/"
+    assert config.amqp_urls == ("amqp://guest:guest@localhost:5672/",)
     assert config.exchange == "peatio.events.ranger"
     assert config.jwt_public_key == rsa_pem
     assert config.jwt_algorithm == "RS256"
@@ -75,7 +75,7 @@ def test_defaults_are_go_rangos(env: dict[str, str], rsa_pem: bytes) -> None:
     [("::1", "[::1]"), ("[fd00::5]", "[fd00::5]"), ("10.0.0.5", "10.0.0.5"), ("rabbit", "rabbit")],
 )
 def test_rabbitmq_host_ipv6_is_bracketed(host: str, netloc: str) -> None:
-    url = amqp_url_from_env({"RABBITMQ_HOST": host, "RABBITMQ_PORT": "5673"})
+    [url] = amqp_urls_from_env({"RABBITMQ_HOST": host, "RABBITMQ_PORT": "5673"})
     assert url == f"amqp://guest:guest@{netloc}:5673/"
     assert pika.URLParameters(url).host == host.strip("[]")
 
@@ -129,7 +129,7 @@ def test_every_variable(rsa_pem: bytes, ec_pem: bytes) -> None:
     config = Config.from_env(env)
     assert (config.ws_host, config.ws_port) == ("127.0.0.1", 9090)
     assert (config.metrics_host, config.metrics_port) == ("127.0.0.2", 9100)
-    assert config.amqp_url == "amqp://user:p%40ss%2Fw%3Ard@rabbit.local:5673/"
+    assert config.amqp_urls == ("amqp://user:p%40ss%2Fw%3Ard@rabbit.local:5673/",)
     assert config.jwt_public_key == ec_pem
     assert config.jwt_algorithm == "ES256"
     assert config.jwt_issuer == "barong"
@@ -183,7 +183,7 @@ def test_flags_override_env(env: dict[str, str], rsa_pem: bytes) -> None:
         workers=8,
     )
     assert (config.ws_host, config.ws_port) == ("127.0.0.1", 3333)
-    assert config.amqp_url == "amqps://u:p@flaghost:5671/vhost"
+    assert config.amqp_urls == ("amqps://u:p@flaghost:5671/vhost",)
     assert config.exchange == "my.exchange"
     assert config.workers == 8
 
@@ -192,7 +192,7 @@ def test_flags_win_even_over_bad_env(env: dict[str, str]) -> None:
     env = {**env, "RANGER_PORT": "abc", "RABBITMQ_PORT": "abc"}
     config = Config.from_env(env, ws_addr=":8081", amqp_addr="amqp://h/")
     assert (config.ws_host, config.ws_port) == ("0.0.0.0", 8081)
-    assert config.amqp_url == "amqp://h/"
+    assert config.amqp_urls == ("amqp://h/",)
 
 
 def test_pub_key_flag(rsa_pem: bytes, ec_pem: bytes, tmp_path: Path) -> None:
@@ -376,3 +376,38 @@ def test_rabbitmq_host_pika_cannot_parse_names_the_variable(
     message = config_error({**env, "RABBITMQ_HOST": host, "RABBITMQ_PASSWORD": "s3cret"})
     assert message.startswith("RABBITMQ_HOST: "), message
     assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("hosts", "netlocs"),
+    [
+        ("rabbit1,rabbit2:5673, [fd00::7]:5674 ,::1",
+         ["rabbit1:5672", "rabbit2:5673", "[fd00::7]:5674", "[::1]:5672"]),
+        ("10.0.0.1:1", ["10.0.0.1:1"]),
+        ("[::1]", ["[::1]:5672"]),
+    ],
+)  # fmt: skip
+def test_rabbitmq_host_list(env: dict[str, str], hosts: str, netlocs: list[str]) -> None:
+    """A cluster's nodes, each ``host[:port]``; RABBITMQ_PORT is the default port."""
+    config = Config.from_env({**env, "RABBITMQ_HOST": hosts, "RABBITMQ_USER": "u"})
+    assert config.amqp_urls == tuple(f"amqp://u:guest@{netloc}/" for netloc in netlocs)
+    for url, netloc in zip(config.amqp_urls, netlocs, strict=True):
+        parameters = pika.URLParameters(url)
+        assert f"{parameters.host}:{parameters.port}" == netloc.replace("[", "").replace("]", "")
+
+
+@pytest.mark.parametrize(
+    "hosts", ["a:b", "h1,,h2", "h1,", ",", ":5672", "h:0", "h:65536", "[::1]x", "[::1]:", "[]:5",
+              "[::1"],
+)  # fmt: skip
+def test_bad_rabbitmq_host_entry_names_the_variable(env: dict[str, str], hosts: str) -> None:
+    message = config_error({**env, "RABBITMQ_HOST": hosts, "RABBITMQ_PASSWORD": "s3cret"})
+    assert message.startswith("RABBITMQ_HOST: "), message
+    assert "s3cret" not in message and "\n" not in message
+
+
+def test_amqp_addr_list(env: dict[str, str]) -> None:
+    config = Config.from_env(env, amqp_addr="amqp://a/, amqps://u:p@b:5671/v")
+    assert config.amqp_urls == ("amqp://a/", "amqps://u:p@b:5671/v")
+    for value in ("amqp://a/,bogus", "amqp://a/,,amqp://b/", "amqp://a/,"):
+        assert config_error(env, amqp_addr=value).startswith("--amqp-addr: ")

@@ -75,7 +75,7 @@ def test_every_config_field_has_one_row_and_its_default() -> None:
     for row in SETTINGS:
         if row.field and not row.builds_default:
             assert getattr(default, row.field) == row.default, row.name
-    assert default.amqp_url == "amqp://guest:guest@localhost:5672/"
+    assert default.amqp_urls == ("amqp://guest:guest@localhost:5672/",)
 
 
 def test_names_are_unique_and_grouped() -> None:

@@ -1,0 +1,115 @@
+"""Several brokers (issue Topology): a worker whose node is lost moves on to the next entry
+of ``--amqp-addr`` / ``RABBITMQ_HOST`` at once, and its clients stay connected.
+
+The nodes here are :class:`support.broker.TcpProxy` ports in front of the one real broker
+(others share it: it is never stopped), so that each can be lost on its own and cheaply;
+tests/e2e/test_cluster.py does the same against a real three-node RabbitMQ cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from typing import Any
+
+from support.answers import assert_alive
+from support.broker import BROKER, TcpProxy, unique
+from support.metrics import samples
+from support.outage import (
+    RESUME,
+    amqp_problems,
+    check_recovered,
+    first_marker_after,
+    open_book,
+)
+from support.polling import wait_logged
+
+
+def addr(*proxies: TcpProxy) -> list[str]:
+    """``--amqp-addr`` with one URL per proxy, in that order."""
+    urls = ",".join(f"amqp://guest:guest@127.0.0.1:{p.port}/" for p in proxies)
+    return ["--amqp-addr", urls]
+
+
+def nodes(rango: Any) -> dict[str, tuple[str, float]]:
+    """``rango_amqp_connected``: worker -> (node, state); one series per worker."""
+    found: dict[str, tuple[str, float]] = {}
+    for labels, value in samples(rango.metrics(), "rango_amqp_connected"):
+        assert labels["worker"] not in found, f"two series for worker {labels['worker']}"
+        found[labels["worker"]] = (labels["node"], value)
+    return found
+
+
+def test_worker_moves_to_the_next_node_at_once(rango_factory, publisher_factory):
+    lost, spare = TcpProxy(BROKER), TcpProxy(BROKER)
+    with ExitStack() as stack:
+        stack.callback(lost.close)
+        stack.callback(spare.close)
+        rango = rango_factory(args=[*addr(lost, spare), "--workers", "1"])
+        [worker] = rango.worker_pids()
+        publisher = publisher_factory(rango.exchange)  # straight to the broker
+        market = unique()
+        trades, book = open_book(stack, rango, publisher, market)
+        assert nodes(rango) == {"0": (f"127.0.0.1:{lost.port}", 1.0)}
+        offset = len(rango.log())
+
+        lost.off()  # the node goes: its connection is reset, new ones refused
+        took = first_marker_after(publisher, trades, f"{market}.trades", time.monotonic())
+        assert took <= RESUME, f"delivery resumed {took:.2f} s after the node was lost"
+        assert_alive(book)
+        # No backoff: the next node was tried at once, and the refusing one not again.
+        assert lost.refused == 0, lost.refused
+        [line] = amqp_problems(rango.log()[offset:])
+        assert f"127.0.0.1:{lost.port} lost" in line and f"trying 127.0.0.1:{spare.port}" in line
+        assert "guest" not in line, line
+        assert f"on 127.0.0.1:{spare.port}" in rango.log()[offset:]
+        # The metric names the new node; the node left has no series any more.
+        wait_logged(rango, lambda: nodes(rango) == {"0": (f"127.0.0.1:{spare.port}", 1.0)},
+                    5, "rango_amqp_connected on the new node")
+        assert rango.ready_status() == 200
+        # Events may have been missed in between: the stored book was dropped.
+        check_recovered(rango, publisher, market, trades, book)
+        assert rango.worker_pids() == [worker]
+
+
+def test_workers_spread_over_the_nodes(rango_factory, publisher_factory):
+    first, second = TcpProxy(BROKER), TcpProxy(BROKER)
+    with ExitStack() as stack:
+        stack.callback(first.close)
+        stack.callback(second.close)
+        rango = rango_factory(args=[*addr(first, second), "--workers", "3"])
+        wait_logged(rango, lambda: len(nodes(rango)) == 3, 10, "three workers' series")
+        assert nodes(rango) == {
+            "0": (f"127.0.0.1:{first.port}", 1.0),
+            "1": (f"127.0.0.1:{second.port}", 1.0),
+            "2": (f"127.0.0.1:{first.port}", 1.0),
+        }
+        assert (first.accepted, second.accepted) == (2, 1)
+
+
+def test_every_node_lost_then_one_back(rango_factory, publisher_factory):
+    one, two = TcpProxy(BROKER), TcpProxy(BROKER)
+    with ExitStack() as stack:
+        stack.callback(one.close)
+        stack.callback(two.close)
+        rango = rango_factory(args=[*addr(one, two), "--workers", "1"])
+        publisher = publisher_factory(rango.exchange)
+        market = unique()
+        trades, book = open_book(stack, rango, publisher, market)
+        offset = len(rango.log())
+        one.off()
+        two.off()
+        wait_logged(rango, lambda: rango.ready_status() == 503, 10, "/ready answering 503")
+        # Both were tried, then the list again, with backoff: said once, not per attempt.
+        wait_logged(rango, lambda: one.refused >= 2 and two.refused >= 2, 15, "a second round")
+        problems = amqp_problems(rango.log()[offset:])
+        assert len(problems) == 2, problems  # the move, then the outage
+        assert "no node of 2 reachable" in problems[1], problems
+        assert_alive(trades)
+
+        two.on()
+        took = first_marker_after(publisher, trades, f"{market}.trades", time.monotonic())
+        assert took <= RESUME, f"delivery resumed {took:.2f} s after a node was back"
+        assert "RabbitMQ is back" in rango.log()[offset:]
+        assert rango.ready_status() == 200
+        check_recovered(rango, publisher, market, trades, book)
