@@ -335,6 +335,27 @@ def test_publish_unreachable_broker():
     assert "Connection refused" in one_line(result.stderr)
 
 
+def test_publish_takes_a_cluster_list_and_uses_the_first_node_that_answers(rango):
+    """RABBITMQ_HOST as the server takes it: a refusing node first, then the broker."""
+    market = unique()
+    down = f"127.0.0.1:{free_port()}"
+    env = {**amqp_env(), "RABBITMQ_HOST": f"{down},127.0.0.1:{urlsplit(AMQP_URL).port or 5672}"}
+    with rango.connect(query=f"stream={market}.trades") as ws:
+        assert recv_json(ws) == subscribed(f"{market}.trades")
+        result = run_tool(
+            "publish", "--exchange", rango.exchange, input=f'public.{market}.trades {{"tid":7}}\n',
+            env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert recv_json(ws) == {f"{market}.trades": {"tid": 7}}
+    # Every node refusing: one line naming each, no password.
+    env["RABBITMQ_HOST"] = f"{down},127.0.0.1:{free_port()}"
+    result = run_tool("publish", input="public.eurusd.trades {}\n", env=env)
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert down in line and line.count("Connection refused") == 2 and "guest@" not in line, line
+
+
 def test_publish_missing_file(tmp_path):
     result = run_tool("publish", "--amqp-addr", AMQP_URL, str(tmp_path / "missing.txt"))
     assert result.returncode == 2
