@@ -411,21 +411,33 @@ def _check_with_pika(url: str, name: str, shown: str) -> None:
 
 
 def _check_amqp_url(url: str, name: str) -> str:
-    """One ``--amqp-addr`` URL, checked as the workers will parse it."""
+    """One ``--amqp-addr`` URL, checked as the workers will parse it; the messages
+    quote it without its password."""
+    shown = repr(without_password(url))
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise ConfigError(f"{name}: {url!r} is not a URL: {exc}") from None
+        raise ConfigError(f"{name}: {shown} is not a URL: {exc}") from None
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ConfigError(f"{name}: {url!r} is not an amqp:// or amqps:// URL")
+        raise ConfigError(f"{name}: {shown} is not an amqp:// or amqps:// URL")
     try:
         port_number = parts.port
     except ValueError:
-        raise ConfigError(f"{name}: {url!r} has an invalid port") from None
+        raise ConfigError(f"{name}: {shown} has an invalid port") from None
     if port_number == 0:
-        raise ConfigError(f"{name}: {url!r} has an invalid port")
-    _check_with_pika(url, name, url)
+        raise ConfigError(f"{name}: {shown} has an invalid port")
+    _check_with_pika(url, name, without_password(url))
     return url
+
+
+def without_password(url: str) -> str:
+    """``url`` with the password of its user part, if any, as ``***``."""
+    scheme, sep, rest = url.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
 
 
 def _public_key(row: Setting, source: Source) -> bytes:

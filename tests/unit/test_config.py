@@ -411,3 +411,13 @@ def test_amqp_addr_list(env: dict[str, str]) -> None:
     assert config.amqp_urls == ("amqp://a/", "amqps://u:p@b:5671/v")
     for value in ("amqp://a/,bogus", "amqp://a/,,amqp://b/", "amqp://a/,"):
         assert config_error(env, amqp_addr=value).startswith("--amqp-addr: ")
+
+
+@pytest.mark.parametrize(
+    "value", ["amqp://u:s3cret@[::1/", "http://u:s3cret@h/", "amqp://u:s3cret@h:0/",
+              "amqp://a/,amqp://u:s3cret@h:x/"],
+)  # fmt: skip
+def test_bad_amqp_addr_message_hides_the_password(env: dict[str, str], value: str) -> None:
+    message = config_error(env, amqp_addr=value)
+    assert message.startswith("--amqp-addr: ") and "s3cret" not in message, message
+    assert "u:***@" in message, message
