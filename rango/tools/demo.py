@@ -7,6 +7,7 @@ The markets and the events they make are :mod:`rango.tools.market`'s.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from collections.abc import Iterable, Iterator
@@ -59,6 +60,10 @@ def add_parser(commands: Commands) -> None:
     )  # fmt: skip
 
 
+class _StdoutClosed(Exception):
+    """The reader of ``--print`` went away (not an OSError: the broker's are those)."""
+
+
 def demo(args: argparse.Namespace) -> int:
     """Publish the synthetic feed of ``args`` until ``args.duration`` or ^C."""
     names = [name for value in args.markets for name in value.split(",") if name] or list(
@@ -79,8 +84,11 @@ def demo(args: argparse.Namespace) -> int:
         nonlocal published
         for event in events:
             if args.echo:
-                sys.stdout.write(f"{event.routing_key} {event.body.decode()}\n")
-                sys.stdout.flush()
+                try:
+                    sys.stdout.write(f"{event.routing_key} {event.body.decode()}\n")
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    raise _StdoutClosed from None
             yield event
             published += 1  # resumed once the event is published
 
@@ -95,6 +103,12 @@ def demo(args: argparse.Namespace) -> int:
             publish_events(channel, exchange, counted(events), args.rate)
         except KeyboardInterrupt:
             warn("demo", f"interrupted: published {plural(published, 'event')}")
+            return OK
+        except _StdoutClosed:
+            # `rango demo --print | head`: the reader has what it wanted, as with ^C.
+            # Python's docs: point stdout at devnull so the exit flush cannot fail.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            warn("demo", f"stdout closed: published {plural(published, 'event')}")
             return OK
     warn("demo", f"published {plural(published, 'event')} to {exchange}")
     return OK

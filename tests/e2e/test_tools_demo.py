@@ -189,3 +189,20 @@ def test_demo_bad_input_is_one_line(args, status, message):
     assert "guest:guest" not in result.stderr  # the password is never printed
     if status == 1:
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_print_into_a_closed_pipe_ends_quietly():
+    """``rango demo --print | head -1``: the reader leaving is no broker error."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rango.cli", "demo", "--print", "--amqp-addr", AMQP_URL,
+         "--exchange", "rango.test.demo-pipe"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"public.")
+    proc.stdout.close()  # as head does after its line
+    assert proc.wait(timeout=15) == 0
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "stdout closed: published" in stderr, stderr
+    assert "Broken pipe" not in stderr and "Traceback" not in stderr, stderr
