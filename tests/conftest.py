@@ -1,5 +1,6 @@
 """The shared fixtures: a dev key pair and an untrusted one, real Rango processes, real
-RabbitMQ publishers, a proxy in front of the broker. The code behind them is in
+RabbitMQ publishers, a proxy in front of the broker, a three-node RabbitMQ cluster of
+the tests' own (``rabbitmq_cluster``, from support.cluster). The code behind them is in
 ``tests/support``.
 
 Every Rango started here listens on free ports and consumes its own exchange
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.broker import BROKER, Publisher, TcpProxy
+from support.cluster import rabbitmq_cluster, rabbitmq_cluster_session  # noqa: F401 - fixtures
 from support.gateway import Rango
 from support.tokens import KeyPair
 
