@@ -20,7 +20,6 @@ from support import REPO
 from support.answers import subscribed
 from support.broker import unique
 from support.clients import (
-    AuthGateway,
     Browser,
     Lines,
     chromium_path,
@@ -30,8 +29,6 @@ from support.clients import (
     wscat_path,
 )
 from support.tokens import UID
-from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect
 
 EXAMPLES = REPO / "examples"
 
@@ -256,47 +253,6 @@ def test_orderbook_page_in_chromium(rango_factory, publisher_factory, browser):
         assert other in browser.text("#status") and f"{market}.ob-inc" not in browser.text(
             "#status"
         )
-
-
-def test_browser_reaches_private_through_an_auth_gateway(rango, publisher, keys, browser):
-    """Browsers cannot set Authorization: a same-origin gateway turns the cookie into it."""
-    market = unique()
-    token = keys.token()
-    proxy = AuthGateway(rango.port, {"s3ss10n": token}, EXAMPLES)
-    try:
-        base = f"http://127.0.0.1:{proxy.port}"
-        # What a client without a session gets, even with a header of its own.
-        for headers in ({}, {"Cookie": "session=wrong"}, {"Authorization": f"Bearer {token}"}):
-            with pytest.raises(InvalidStatus) as refused:
-                connect(f"ws://127.0.0.1:{proxy.port}/private", additional_headers=headers,
-                        open_timeout=5)
-            assert refused.value.response.status_code == 401
-
-        browser.command("cookie", name="session", value="s3ss10n", url=base)
-        assert browser.goto(page_url(base, f"ws://127.0.0.1:{proxy.port}/private", market)) == 200
-        browser.wait(status_has(f"{market}.ob-inc", "order", "trade"), what="private subscribed")
-        upgrade = proxy.upgrades[-1]
-        assert upgrade["Authorization"] == f"Bearer {token}"
-        assert "Cookie" not in upgrade
-        assert upgrade["Origin"] == base  # same origin: no API_CORS_ORIGINS needed
-
-        publisher.publish(f"private.{UID}.order", {
-            "id": 22, "market": market, "kind": "bid", "price": "1026.0", "state": "wait",
-            "volume": "0.001",
-        })  # fmt: skip
-        publisher.publish(f"private.{UID}.trade", {
-            "id": 7, "market": market, "kind": "bid", "price": "1026.0", "volume": "0.001",
-        })  # fmt: skip
-        browser.wait("document.querySelectorAll('#private li').length === 2", what="private")
-        items = browser.evaluate(
-            "Array.from(document.querySelectorAll('#private li'), li => li.textContent)"
-        )
-        assert items == [f"trade #7 {market} bid 0.001 @ 1026.0",
-                         f"order #22 {market} bid 0.001 @ 1026.0: wait"]
-        browser.screenshot("orderbook-private.png")
-    finally:
-        browser.goto("about:blank")
-        proxy.close()
 
 
 # Compression (RFC 7692) with real clients, as they offer it by default.

@@ -11,7 +11,8 @@
 * :mod:`support.broker` — RabbitMQ: a publisher, ``rabbitmqctl``, a fault-injecting proxy;
 * :mod:`support.outage` — the broker-outage scenario shared by the broker tests;
 * :mod:`support.crowd` — many asyncio websocket clients at once;
-* :mod:`support.clients` — the real external clients: wscat, Chromium, an auth gateway.
+* :mod:`support.clients` — the real external clients: wscat, Chromium;
+* :mod:`support.nginx` — Debian's nginx with deploy/nginx/rango.conf, a session check.
 
 Nothing here imports a test module, and no test module imports another.
 """

@@ -1,5 +1,6 @@
 """The real external clients the tests drive: wscat, headless Chromium (playwright-core,
-``tests/js/browser.js``), ``rango publish``, a tiny auth gateway, a static file server.
+``tests/js/browser.js``), ``rango publish``, a static file server (nginx in front of
+Rango is :mod:`support.nginx`).
 
 ``scripts/setup`` installs wscat and playwright-core with npm into ``.tools/`` and
 Debian's ``chromium``; where it could not, the tests that need them are skipped with
@@ -8,7 +9,6 @@ the reason. Every wait here is bounded.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import http.server
@@ -28,7 +28,6 @@ from typing import IO, Any
 import pytest
 
 from support import AMQP_URL, REPO
-from support.gateway import free_port
 
 TOOLS_BIN = REPO / ".tools" / "node_modules" / ".bin"
 PLAYWRIGHT = REPO / ".tools" / "node_modules" / "playwright-core"
@@ -238,95 +237,3 @@ class Browser:
 def page_url(base: str, ws_url: str, market: str) -> str:
     """``examples/orderbook.html`` under ``base``, preset to ``ws_url`` and ``market``."""
     return f"{base}/orderbook.html?url={ws_url}&market={market}"
-
-
-class AuthGateway:
-    """What sits in front of Rango in production, in a few lines (asyncio TCP, in a thread).
-
-    Browsers cannot set an ``Authorization`` header on a websocket; they send the
-    session cookie. Like the exchange's auth gateway, this one serves the frontend and
-    proxies websocket upgrades to Rango on the same origin, replacing whatever
-    ``Authorization`` and ``Cookie`` the client sent by ``Authorization: Bearer <JWT>``
-    for a known session cookie (``session=<id>``); an unknown session gets no header,
-    so Rango refuses ``/private`` with 401.
-    """
-
-    def __init__(self, upstream_port: int, sessions: dict[str, str], static: Path) -> None:
-        self.upstream_port = upstream_port
-        self.sessions = sessions
-        self.static = static
-        self.port = free_port()
-        self.upgrades: list[dict[str, str]] = []  # headers forwarded, for the tests
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._started.wait(5), "auth gateway did not start"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._client, "127.0.0.1", self.port)
-        )
-        self._started.set()
-        self._loop.run_forever()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            writer.close()
-            return
-        request_line, *header_lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        headers = [tuple(part.strip() for part in line.split(":", 1)) for line in header_lines]
-        names = {name.lower(): value for name, value in headers}
-        if names.get("upgrade", "").lower() != "websocket":
-            await self._static(request_line, writer)
-            return
-        cookies = dict(
-            part.strip().split("=", 1) for part in names.get("cookie", "").split(";") if "=" in part
-        )
-        token = self.sessions.get(cookies.get("session", ""))
-        kept = [(n, v) for n, v in headers if n.lower() not in ("authorization", "cookie")]
-        if token:
-            kept.append(("Authorization", f"Bearer {token}"))
-        self.upgrades.append({n: v for n, v in kept})
-        upstream_reader, upstream_writer = await asyncio.open_connection(
-            "127.0.0.1", self.upstream_port
-        )
-        lines = [request_line, *(f"{n}: {v}" for n, v in kept)]
-        upstream_writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        await asyncio.gather(
-            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
-        )
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError, RuntimeError):
-                writer.close()
-
-    async def _static(self, request_line: str, writer: asyncio.StreamWriter) -> None:
-        path = request_line.split(" ")[1].split("?")[0].lstrip("/")
-        file = self.static / path
-        if path and "/" not in path and file.is_file():
-            body, status = file.read_bytes(), "200 OK"
-        else:
-            body, status = b"not found\n", "404 Not Found"
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-        )
-        await writer.drain()
-        writer.close()
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
