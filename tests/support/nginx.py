@@ -60,7 +60,11 @@ def wrapper(
     temp = {name: directory / name for name in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for path in temp.values():
         path.mkdir(exist_ok=True)
+    # As root (CI), nginx's workers would run as nobody, who may not reach a checkout
+    # under a private home directory, nor the test's own 0700 temporary directory.
+    user = "user root;" if os.geteuid() == 0 else ""
     return f"""
+{user}
 worker_processes 1;
 pid {directory}/nginx.pid;
 error_log {directory}/error.log info;
