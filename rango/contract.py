@@ -26,7 +26,14 @@ environment less the index and status pipe, plus ``RANGO_TEMPLATE_FD``, its end
 of a SOCK_SEQPACKET control socket speaking :class:`TemplateMessage`; each forked
 worker gets its index and status pipe from the ``spawn`` request and is named
 ``rango-worker-<index>`` (:func:`name_process`), since it keeps the template's
-command line.
+command line. A template that cannot use its configuration says why on the
+socket (``refused <message>``) instead of printing it, so that the supervisor
+prints it as the one line at start-up, or logs it as the one error line of a
+refused rolling restart.
+
+The environment given to workers and templates is the supervisor's with the
+file of ``RANGO_ENV_FILE`` on top (:func:`rango.settings.environment`), as the
+supervisor read it at start or at its last SIGHUP.
 
 A worker exits with :attr:`Exit.OK` after a drain and :attr:`Exit.CONFIG` when
 a setting cannot be used (the supervisor then stops instead of restarting a
@@ -39,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from enum import IntEnum, StrEnum
 from typing import Any, NamedTuple, TypeVar
 
@@ -102,6 +109,9 @@ class TemplateMessage(StrEnum):
     SPAWN = "spawn"  #: supervisor → template: ``spawn <index>`` + the status pipe's fd
     FORKED = "forked"  #: ``forked <index> <pid>``: the worker runs, the supervisor's child
     FAILED = "failed"  #: ``failed <index> <reason>``: fork() failed
+    #: ``refused <message>``, instead of ``ready``: a setting cannot be used (the
+    #: message names it, as :func:`config_error` prints it); the template exits 2
+    REFUSED = "refused"
 
 
 class Exit(IntEnum):
@@ -154,10 +164,12 @@ def template_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", TEMPLATE_MODULE, *argv]
 
 
-def template_env(control_fd: int, metrics_dir: str) -> dict[str, str]:
+def template_env(
+    control_fd: int, metrics_dir: str, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment of a template: a worker's, but for the index and status pipe,
     which come with each ``spawn``, and the control socket."""
-    env = worker_env(0, -1, metrics_dir)
+    env = worker_env(0, -1, metrics_dir, base)
     del env[ENV_INDEX], env[ENV_STATUS_FD]
     env[ENV_CONTROL_FD] = str(control_fd)
     return env
@@ -172,10 +184,13 @@ def name_process(name: str) -> None:
         f.write(name[:15])
 
 
-def worker_env(index: int, status_fd: int, metrics_dir: str) -> dict[str, str]:
-    """The environment of worker ``index`` started by a supervisor."""
+def worker_env(
+    index: int, status_fd: int, metrics_dir: str, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of worker ``index`` started by a supervisor: ``base`` (the
+    supervisor's own environment unless given) and what the supervisor tells it."""
     return {
-        **os.environ,
+        **(os.environ if base is None else base),
         ENV_INDEX: str(index),
         ENV_MANAGED: "1",
         ENV_STATUS_FD: str(status_fd),

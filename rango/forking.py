@@ -17,10 +17,12 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Mapping
+from typing import NamedTuple
 
 from .contract import TemplateMessage, template_command, template_env
 
-__all__ = ["ForkedProcess", "Template", "become_subreaper"]
+__all__ = ["ForkedProcess", "Refusal", "Template", "become_subreaper"]
 
 log = logging.getLogger("rango.supervisor")
 
@@ -72,6 +74,15 @@ class ForkedProcess:
             signal.pidfd_send_signal(self._pidfd, sig)
 
 
+class Refusal(NamedTuple):
+    """Why a template did not start."""
+
+    reason: str
+    #: True: it refused a setting, and ``reason`` is its one line (the setting's name
+    #: first); False: it exited or hung otherwise (its stderr says more)
+    setting: bool
+
+
 class Template:
     """One template process and its control socket."""
 
@@ -81,16 +92,20 @@ class Template:
         self._loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = self._loop.create_future()
         self._pending: dict[int, asyncio.Future[int]] = {}
+        self.refused: str | None = None
         self.closed = False
         self._loop.add_reader(control.fileno(), self._on_message)
 
     @classmethod
-    async def start(cls, argv: list[str], metrics_dir: str, timeout: float) -> Template | str:
-        """A ready template, or why it is not (it exited: a configuration error)."""
+    async def start(
+        cls, argv: list[str], metrics_dir: str, timeout: float, env: Mapping[str, str]
+    ) -> Template | Refusal:
+        """A ready template with environment ``env`` (and the template's variables), or
+        why it is not."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             process = await asyncio.create_subprocess_exec(
-                *template_command(argv), env=template_env(theirs.fileno(), metrics_dir),
+                *template_command(argv), env=template_env(theirs.fileno(), metrics_dir, env),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         finally:
@@ -108,17 +123,20 @@ class Template:
             return template
         template._lost()  # not close(): no SIGTERM before it has said how it ended
         if template.ready.done():
-            # Its socket closed first: it is exiting (after printing why).
+            # Its socket closed first: it is exiting (after saying or printing why).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), 5.0)
         if process.returncode is None:
             process.kill()
-            return f"template not ready after {timeout:.0f} s"
-        return f"template exited with status {process.returncode}"
+            if template.refused is None:
+                return Refusal(f"template not ready after {timeout:.0f} s", False)
+        if template.refused is not None:
+            return Refusal(template.refused, True)
+        return Refusal(f"template exited with status {process.returncode}", False)
 
     def _on_message(self) -> None:
         try:
-            data = self.control.recv(256)
+            data = self.control.recv(4096)
         except BlockingIOError:
             return
         except OSError:
@@ -130,6 +148,10 @@ class Template:
         index, _, value = rest.partition(" ")
         if word == TemplateMessage.READY and not self.ready.done():
             self.ready.set_result(None)
+            return
+        if word == TemplateMessage.REFUSED and not self.ready.done():
+            self.refused = rest
+            self._lost()  # it exits now; start() waits for that
             return
         future = self._pending.pop(int(index), None) if index.isdigit() else None
         if future is None or future.done():

@@ -28,14 +28,18 @@ import functools
 from collections.abc import Callable, Iterable, Mapping
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
 from . import frames as wire
-from .auth import Auth
-from .deflate import Deflater
 from .protocol import Kind, event_payload, stream_kind, success, text_frame
+
+if TYPE_CHECKING:
+    # Annotations only: the supervisor imports the hub (through the metrics) without
+    # PyJWT, cryptography and websockets.
+    from .auth import Auth
+    from .deflate import Deflater
 
 __all__ = ["NO_SUBSCRIPTIONS", "Drop", "DropReason", "Hub", "Observer", "Subscriber",
            "subscriptions_of"]

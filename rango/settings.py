@@ -34,6 +34,7 @@ import os
 import re
 import sys
 import textwrap
+import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,7 @@ __all__ = [
     "Flag",
     "Setting",
     "Source",
+    "environment",
     "field_default",
     "flag_help",
     "flag_type",
@@ -57,6 +59,7 @@ __all__ = [
     "load_public_key_pem",
     "markdown",
     "parse_addr",
+    "read_env_file",
     "setting",
     "tcp_migrate_req",
 ]
@@ -401,6 +404,8 @@ def _check_with_pika(url: str, name: str, shown: str) -> None:
     """Parse ``url`` as the workers will, so that a value pika refuses stops start-up here
     (once, exit status 2) rather than in every worker (a restart loop). ``shown`` is what
     the message quotes: never the credentials."""
+    if _defaults.building:
+        return  # the table's own defaults, built when rango.config is imported: no pika
     import pika
 
     try:
@@ -710,6 +715,13 @@ SETTINGS: tuple[Setting, ...] = (
         "each worker as a fresh interpreter; see [Memory](#memory)",
     ),
     Setting(
+        name="RANGO_ENV_FILE", group="rango", default=None,
+        help="a file of `NAME=value` lines (systemd's `EnvironmentFile=` syntax: `#` "
+        "comments, blank lines, quotes around a value) that override the environment; "
+        "`rango` reads it at start and again at every SIGHUP, so a rolling restart "
+        "rolls out its new values; see [Processes](#processes-rango---workers-n)",
+    ),
+    Setting(
         name="RANGO_MAX_FRAME_SIZE", group="rango", parse=whole, minimum=64, maximum=1 << 24,
         default=4 * _KIB, field="max_frame_size",
         help="largest client frame (bytes); larger closes with 1009",
@@ -809,6 +821,9 @@ SETTINGS: tuple[Setting, ...] = (
 # fmt: on
 
 _BY_NAME = {row.name: row for row in SETTINGS}
+# Set while field_default builds a default: every process imports rango.config, and
+# the supervisor must not import pika for the table's own, known-good defaults.
+_defaults = types.SimpleNamespace(building=False)
 _BY_FIELD = {row.field: row for row in SETTINGS if row.field}
 _EMPTY = Source({})
 
@@ -825,10 +840,65 @@ def field_default(name: str) -> Any:
     URL), what its build makes of an empty environment.
     """
     row = _BY_FIELD[name]
-    value = row.build(row, _EMPTY) if row.build and row.builds_default else row.default
+    _defaults.building = True
+    try:
+        value = row.build(row, _EMPTY) if row.build and row.builds_default else row.default
+    finally:
+        _defaults.building = False
     if isinstance(value, dict):
         return dataclasses.field(default_factory=value.copy)
     return dataclasses.field(default=value)
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """The variables of ``path``, a subset of systemd's ``EnvironmentFile=`` syntax.
+
+    One ``NAME=value`` a line; blank lines and lines starting with ``#`` or ``;``
+    are skipped; blanks around the name and the value are dropped, and so are
+    matching quotes around the whole value (nothing inside is unescaped). A line
+    ending in a backslash (systemd's continuation) is refused rather than read
+    differently. Errors name the line, never its text (it may hold a password).
+    """
+    name = "RANGO_ENV_FILE"
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: no such file {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror or exc}") from None
+    variables: dict[str, str] = {}
+    for number, line in enumerate(content.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        where = f"{name}: {path} line {number}"
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not _ENV_NAME.match(key):
+            raise ConfigError(f"{where}: not NAME=value")
+        if key == name:
+            raise ConfigError(f"{where}: {name} cannot be set in the file itself")
+        if value.endswith("\\"):
+            raise ConfigError(f"{where}: {key}: a line continuation (\\) is not supported")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        if "\0" in value:
+            raise ConfigError(f"{where}: {key}: a NUL character")
+        variables[key] = value
+    return variables
+
+
+def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``env`` (the process's environment by default) with the variables of the file
+    named by ``RANGO_ENV_FILE`` on top; ConfigError if that file cannot be used."""
+    base = dict(os.environ if env is None else env)
+    path = setting("RANGO_ENV_FILE").value(Source(base))
+    return base if path is None else {**base, **read_env_file(str(path))}
 
 
 def tcp_migrate_req(env: Mapping[str, str] | None = None) -> bool:

@@ -17,13 +17,17 @@ SIGTERM, SIGINT
 SIGHUP
     Rolling restart, one worker at a time: start the new worker, wait until it
     listens and consumes, then drain the old one. Connections are never
-    refused and events never lack a consumer. Use it to roll out new code or a
-    new key file (``--pubKey``): the new workers get the same flags and
-    environment as the old ones.
+    refused and events never lack a consumer. Use it to roll out new code, a
+    new key file (``--pubKey``) or new settings: the file of ``RANGO_ENV_FILE``
+    is read again, and the new workers get the same flags and the supervisor's
+    environment with that file's values on top. A file or setting that cannot
+    be used ends the roll-out before it starts, with one error line, and the old
+    workers keep serving.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -33,7 +37,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
 from .config import Config, ConfigError
@@ -49,8 +53,9 @@ from .contract import (
     worker_command,
     worker_env,
 )
-from .forking import Template, become_subreaper
-from .settings import tcp_migrate_req
+from .forking import Refusal, Template, become_subreaper
+from .limits import raise_nofile
+from .settings import environment, tcp_migrate_req
 
 __all__ = ["Supervisor"]
 
@@ -106,9 +111,20 @@ class Worker:
 class Supervisor:
     """Runs and watches ``workers`` worker processes with the given flags."""
 
-    def __init__(self, config: Config, argv: list[str], workers: int) -> None:
+    def __init__(
+        self,
+        config: Config,
+        argv: list[str],
+        workers: int,
+        env: Mapping[str, str] | None = None,
+        args: argparse.Namespace | None = None,
+    ) -> None:
         self.config = config
         self.argv = argv
+        # The workers' environment: ours with RANGO_ENV_FILE's values on top, as read
+        # at start or at the last SIGHUP that rolled out.
+        self.env: Mapping[str, str] = dict(os.environ) if env is None else env
+        self.args = args  # the flags, to check a SIGHUP's new settings as at start
         self.count = workers
         self.workers: dict[int, Worker] = {}  # by index: the current generation
         self.retired: set[Worker] = set()  # draining after a rolling restart
@@ -132,6 +148,7 @@ class Supervisor:
 
         self._loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
+        fds = raise_nofile()  # the workers inherit it, and each says what it allows
         reason = _port_taken(self.config.ws_host, self.config.ws_port)
         if reason:
             # Workers bind with SO_REUSEPORT and would silently share the port
@@ -139,7 +156,6 @@ class Supervisor:
             return self._refuse(
                 cannot_listen(WS_LISTENER, self.config.ws_host, self.config.ws_port, reason)
             )
-        _enable_listener_migration()
         exporter = Exporter(self.directory)
         try:
             http = await serve_http(
@@ -152,6 +168,23 @@ class Supervisor:
             return self._refuse(cannot_listen(
                 METRICS_LISTENER, self.config.metrics_host, self.config.metrics_port, exc
             ))
+        if self.preload and not become_subreaper():
+            log.warning("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): "
+                        "starting each worker as a fresh interpreter (RANGO_PRELOAD=0)")
+            self.preload = False
+        if self.preload:
+            # First, before anything is logged: the template checks the settings the
+            # supervisor did not, and a bad one must be the only line printed.
+            template = await Template.start(self.argv, self.directory, READY_TIMEOUT, self.env)
+            if isinstance(template, Refusal):
+                http.close()
+                if template.setting:
+                    return self._refuse(ConfigError(template.reason))
+                shutil.rmtree(self.directory, ignore_errors=True)
+                log.error("%s; stopping", template.reason)
+                return Exit.CONFIG
+            self.template = template
+        _enable_listener_migration()
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -163,19 +196,8 @@ class Supervisor:
             os.getpid(), self.count, self.config.ws_host, self.config.ws_port,
             self.config.metrics_host, self.config.metrics_port,
         )  # fmt: skip
-        if self.preload and not become_subreaper():
-            log.warning("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER): "
-                        "starting each worker as a fresh interpreter (RANGO_PRELOAD=0)")
-            self.preload = False
-        if self.preload:
-            template = await Template.start(self.argv, self.directory, READY_TIMEOUT)
-            if isinstance(template, str):
-                # It printed the one line naming the setting.
-                http.close()
-                shutil.rmtree(self.directory, ignore_errors=True)
-                log.error("%s; stopping", template)
-                return Exit.CONFIG
-            self.template = template
+        if fds.soft != fds.before:
+            log.info("file-descriptor limit %d (raised from %d)", fds.soft, fds.before)
         for index in range(self.count):
             if await self.spawn(index) is None:
                 break
@@ -204,13 +226,32 @@ class Supervisor:
         self._track(self._shutdown())
 
     def reload(self) -> None:
-        """SIGHUP: replace the workers one by one without refusing a connection."""
+        """SIGHUP: read the settings again, then replace the workers one by one without
+        refusing a connection."""
         if self.stopping:
             return
         if self._rolling is not None and not self._rolling.done():
             log.warning("SIGHUP ignored: a rolling restart is already running")
             return
-        self._rolling = asyncio.ensure_future(self._rolling_restart())
+        try:
+            env = self._new_environment()
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; keeping the old workers", exc)
+            return
+        self._rolling = asyncio.ensure_future(self._rolling_restart(env))
+
+    def _new_environment(self) -> dict[str, str]:
+        """The environment for new workers: ours with RANGO_ENV_FILE read again, its
+        settings checked as at start (ConfigError if one cannot be used)."""
+        env = environment(os.environ)
+        if self.args is not None:
+            from .cli import supervisor_config
+
+            # The supervisor's own settings here; the rest by the new template (or,
+            # without one, all of them here). The supervisor keeps its own ports,
+            # worker count and logging until it is restarted.
+            supervisor_config(self.args, env)
+        return env
 
     # Workers.
 
@@ -242,8 +283,9 @@ class Supervisor:
         """A new process for slot ``index``: forked by the template (renewed if it
         died), or a fresh interpreter."""
         if not self.preload:
+            env = worker_env(index, status_fd, self.directory, self.env)
             return await asyncio.create_subprocess_exec(
-                *worker_command(self.argv), env=worker_env(index, status_fd, self.directory),
+                *worker_command(self.argv), env=env,
                 pass_fds=(status_fd,), stdin=asyncio.subprocess.DEVNULL,
             )  # fmt: skip
         for attempt in (1, 2):
@@ -258,9 +300,9 @@ class Supervisor:
             if attempt == 2:
                 break
             log.warning("starting a new worker template")
-            renewed = await Template.start(self.argv, self.directory, READY_TIMEOUT)
-            if isinstance(renewed, str):
-                log.error("%s; stopping", renewed)
+            renewed = await Template.start(self.argv, self.directory, READY_TIMEOUT, self.env)
+            if isinstance(renewed, Refusal):
+                log.error("%s; stopping", renewed.reason)
                 return None
             self.template = renewed
         return None
@@ -341,22 +383,24 @@ class Supervisor:
         if not self.stopping and index not in self.workers:
             await self.spawn(index)
 
-    async def _rolling_restart(self) -> None:
+    async def _rolling_restart(self, env: Mapping[str, str]) -> None:
         log.info("SIGHUP: rolling restart of %d workers", len(self.workers))
         if self.preload:
             # New code, configuration, keys and certificates are read by a new template;
             # the old one goes (its workers are ours and drain as they are replaced).
-            template = await Template.start(self.argv, self.directory, READY_TIMEOUT)
+            template = await Template.start(self.argv, self.directory, READY_TIMEOUT, env)
             if self.stopping:
-                if not isinstance(template, str):
+                if not isinstance(template, Refusal):
                     template.close()
                 return
-            if isinstance(template, str):
-                log.error("rolling restart: the new %s; keeping the old workers", template)
+            if isinstance(template, Refusal):
+                what = template.reason if template.setting else f"the new {template.reason}"
+                log.error("rolling restart: %s; keeping the old workers", what)
                 return
             if self.template is not None:
                 self.template.close()
             self.template = template
+        self.env = env
         for index in range(self.count):
             old = self.workers.get(index)
             if old is not None:
@@ -474,6 +518,12 @@ def _enable_listener_migration() -> None:
                     "connections queued at the instant a worker stops listening", exc.strerror)
 
 
-def run(config: Config, argv: list[str], workers: int) -> int:
+def run(
+    config: Config,
+    argv: list[str],
+    workers: int,
+    env: Mapping[str, str] | None = None,
+    args: argparse.Namespace | None = None,
+) -> int:
     """Run a supervisor on uvloop; return the exit status."""
-    return run_loop(Supervisor(config, argv, workers).run())
+    return run_loop(Supervisor(config, argv, workers, env, args).run())

@@ -30,7 +30,9 @@ the template's control socket is closed, signal dispositions are reset. No
 socket, AMQP connection or event loop exists before the fork.
 
 The control protocol (SOCK_SEQPACKET, one message per datagram) is
-:mod:`rango.contract`'s: the template says ``ready`` once; ``spawn <index>``
+:mod:`rango.contract`'s: the template says ``ready`` once (or ``refused
+<message>`` and exits with status 2: the supervisor prints or logs that one
+line, so a bad setting reads the same whoever found it); ``spawn <index>``
 comes with the worker's status pipe (SCM_RIGHTS) and is answered ``forked
 <index> <pid>`` or ``failed <index> <reason>``. End of file on the socket (the
 supervisor is gone or has a new template) ends the template; its workers go on.
@@ -108,11 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(config.log_level_no, config.log_format, "template")
             _preflight(config)
         except ConfigError as exc:
-            return config_error(exc)
+            return _refuse(control, exc)
         control.send(TemplateMessage.READY.value.encode())
         return _serve(control, config, metrics_dir)
     finally:
         shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _refuse(control: socket.socket, exc: ConfigError) -> int:
+    """Tell the supervisor which setting cannot be used; print it only if it cannot hear."""
+    try:
+        control.send(f"{TemplateMessage.REFUSED} {exc}".encode(errors="replace"))
+    except OSError:
+        return config_error(exc)
+    return Exit.CONFIG
 
 
 def _serve(control: socket.socket, config: Config, metrics_dir: str) -> int:

@@ -4,7 +4,9 @@ Real supervisor, template and workers, real RabbitMQ and clients: the workers ar
 forked (they carry the template's command line and their own name), re-parented
 to the supervisor, and serve events; a worker killed with SIGKILL is replaced by a
 new fork; SIGHUP renews the template, so a new key file is used by the new workers;
-a key the new template refuses ends that roll-out and keeps the old workers.
+a key the new template refuses ends that roll-out and keeps the old workers;
+SIGHUP reads ``RANGO_ENV_FILE`` again, and a file or value that cannot be used ends
+the roll-out with one error line; at start it stops ``rango`` with one line.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
+from support.answers import recv_json, subscribed
 from support.broker import unique
 from support.gateway import Rango
 from support.polling import wait_for
@@ -128,3 +131,91 @@ def test_sigterm_stops_every_process(rango_factory, preload):
     assert rango.stop() == 0, rango.log()[-3000:]
     for pid in everyone:
         assert stat_fields(pid) is None or stat_fields(pid)[0] == b"Z"  # type: ignore[index]
+
+
+def first_answer(rango: Rango, streams: list[str]) -> Any:
+    """The answer to a connection asking for ``streams`` in its URL."""
+    with sync_connect(rango.url(query="stream=" + ",".join(streams)), open_timeout=5) as ws:
+        return recv_json(ws)
+
+
+def too_many(stream: str) -> dict[str, Any]:
+    return {"success": {"message": f"cannot subscribe to {stream}: too many subscriptions"}}
+
+
+def errors_after(rango: Rango, offset: int) -> list[str]:
+    return [line for line in rango.log()[offset:].splitlines() if " ERROR " in line]
+
+
+def test_sighup_reads_the_env_file_again(
+    rango_factory, keys: KeyPair, tmp_path: Path, tmp_path_factory: Any
+):
+    key = tmp_path / "env-key.pub"
+    key.write_bytes(keys.public_pem)
+    env_file = tmp_path / "rango.env"
+    env_file.write_text("# as systemd's EnvironmentFile= has it\n\nRANGO_MAX_SUBSCRIPTIONS = '2'\n")
+    rango = rango_factory(
+        env={**PRELOAD, "RANGO_ENV_FILE": str(env_file)}, args=["--pubKey", str(key)]
+    )
+    old = two_workers(rango)
+    [old_template] = rango.template_pids()
+    streams = [f"{unique()}.s{i}" for i in range(3)]
+    assert first_answer(rango, streams) == too_many(streams[2])
+    new_keys = KeyPair(tmp_path_factory.mktemp("env-new-keys"))
+
+    # A file the supervisor cannot read (line 2), then a value the new template refuses:
+    # each ends its roll-out with one error line naming it; the old workers serve on.
+    for text, named in (
+        ("RANGO_MAX_SUBSCRIPTIONS=3\nthis line is no setting\n", "RANGO_ENV_FILE"),
+        ("RANGO_MAX_SUBSCRIPTIONS=many\n", "RANGO_MAX_SUBSCRIPTIONS"),
+    ):
+        env_file.write_text(text)
+        offset = len(rango.log())
+        rango.send_signal(signal.SIGHUP)
+        wait_for(lambda at=offset: "keeping the old workers" in rango.log()[at:], 20, "refusal")
+        [error] = errors_after(rango, offset)
+        assert named in error and "keeping the old workers" in error, error
+        assert "line 2" in error or named != "RANGO_ENV_FILE", error
+        assert "Traceback" not in rango.log()[offset:]
+        assert sorted(rango.worker_pids()) == sorted(old)
+        assert rango.template_pids() == [old_template]
+        assert first_answer(rango, streams) == too_many(streams[2])
+
+    # A new key and a new value: the new workers use both.
+    env_file.write_text('RANGO_MAX_SUBSCRIPTIONS="3"\n')
+    key.write_bytes(new_keys.public_pem)
+    offset = len(rango.log())
+    rango.send_signal(signal.SIGHUP)
+    wait_for(lambda: "rolling restart done" in rango.log()[offset:], 30, "the roll-out")
+    two_workers(rango, old)
+    wait_for(lambda: not set(old) & set(rango.worker_pids()), 15, "the old workers gone")
+    assert first_answer(rango, streams) == subscribed(streams)
+    assert private(rango, new_keys) is None
+    assert private(rango, keys) == 401
+    assert not errors_after(rango, offset)
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (None, "RANGO_ENV_FILE"),  # no such file
+        ("RANGER_PORT\n", "RANGO_ENV_FILE"),
+        ("RANGER_PORT=80\\\n", "RANGO_ENV_FILE"),  # systemd's line continuation
+        ("JWT_ALGORITHM=HS256\n", "JWT_ALGORITHM"),  # refused by the template
+        ("RANGER_PORT=eighty\n", "RANGER_PORT"),  # refused by the supervisor
+    ],
+    ids=["missing", "not-name-value", "continuation", "template-refuses", "supervisor-refuses"],
+)
+def test_a_bad_env_file_stops_start_up_with_one_line(
+    rango_factory, tmp_path: Path, text: str | None, named: str
+):
+    env_file = tmp_path / "bad.env"
+    if text is not None:
+        env_file.write_text(text)
+    rango = rango_factory(env={**PRELOAD, "RANGO_ENV_FILE": str(env_file)}, wait=False)
+    assert rango.proc is not None
+    code = rango.proc.wait(20)
+    lines = rango.log().strip().splitlines()
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"rango: {named}"), lines

@@ -32,7 +32,10 @@ def test_systemd_unit_runs_the_supervisor_as_documented():
     unit = unit_directives()
     one = {key: values[-1] for key, values in unit.items()}
     assert re.fullmatch(r"\S+/rango --workers \d+", one["Service.ExecStart"])
-    assert one["Service.EnvironmentFile"].startswith("/")
+    # Rango reads the environment file itself, again at every reload (SIGHUP); systemd's
+    # EnvironmentFile= would keep the values of the start (and removed lines) instead.
+    assert any(v.startswith("RANGO_ENV_FILE=/") for v in unit["Service.Environment"])
+    assert "Service.EnvironmentFile" not in unit
     assert one["Service.ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert one["Service.KillSignal"] == "SIGTERM"
     # Only the supervisor gets SIGTERM; it drains its workers (15 s) before the SIGKILL.
