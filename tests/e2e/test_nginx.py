@@ -12,7 +12,9 @@ where nginx (or Chromium, for the browser test) is not installed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -22,12 +24,14 @@ import pytest
 from support.answers import recv_json, subscribed
 from support.broker import unique
 from support.clients import Browser, chromium_path, page_url
-from support.nginx import PREFIX, Nginx, Recorder, SessionCheck, nginx_path, slow_readers
+from support.nginx import CONF, PREFIX, Nginx, Recorder, SessionCheck, nginx_path, slow_readers
 from support.polling import wait_for, wait_logged
 from support.tokens import UID
 from support.wire import RawClient
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
+
+from rango.config import Config
 
 SESSION = "s3ss10n"
 BIG_SESSION = "b1g"  # its JWT (8,014 bytes) is near Rango's 8 KiB bound
@@ -83,7 +87,9 @@ def test_what_nginx_forwards(keys, session_check, tmp_path):
         assert line == "GET /private?stream=order HTTP/1.1"
         assert head["authorization"] == f"Bearer {session_check.sessions[SESSION]}"
         assert session_check.asked[-1]["path"] == "/session"
-        assert "Authorization" not in session_check.asked[-1]  # the cookie alone decides
+        # The cookie alone decides: the check never sees the client's Authorization.
+        assert "authorization" not in {name.lower() for name in session_check.asked[-1]}
+        assert session_check.asked[-1]["X-Original-URI"] == f"{PREFIX}/private?stream=order"
         assert "cookie" not in head
         assert head["host"] == f"127.0.0.1:{proxy.port}"  # Rango compares Origin with it
         assert head["upgrade"] == "websocket"
@@ -96,6 +102,7 @@ def test_what_nginx_forwards(keys, session_check, tmp_path):
                                {"Cookie": f"session={SESSION}", "Authorization": own})
         assert line == "GET /public?stream=global.tickers HTTP/1.1"
         assert "authorization" not in head and "cookie" not in head
+        assert head["host"] == f"127.0.0.1:{proxy.port}"
         assert head["upgrade"] == "websocket" and head["connection"] == "upgrade"
 
         # No session: nginx answers 401 itself, and nothing reaches the upstream.
@@ -107,6 +114,19 @@ def test_what_nginx_forwards(keys, session_check, tmp_path):
         assert len(recorder.heads) == before
     finally:
         stack.close()
+
+
+def test_idle_connections_outlast_rangos_keepalive():
+    """nginx closes an upgraded connection after proxy_read_timeout without data; on a
+    quiet stream the first data is Rango's ping (RANGO_PING_INTERVAL) and the client's
+    answer (RANGO_PING_TIMEOUT), so both websocket locations must wait longer than that,
+    leaving silent clients to Rango's keepalive (waiting a minute here would prove no more)."""
+    timeouts = [int(value) for value in re.findall(r"(?m)^\s*proxy_read_timeout (\d+)s;",
+                                                   CONF.read_text())]
+    assert len(timeouts) == 2, timeouts
+    defaults = {field.name: field.default for field in dataclasses.fields(Config)}
+    keepalive = defaults["ping_interval"] + defaults["ping_timeout"]
+    assert all(value > keepalive for value in timeouts), (timeouts, keepalive)
 
 
 # Headless Chromium through nginx.
