@@ -112,13 +112,14 @@ class HAProxy:
                 found[int(src.group(1))] = srv.group(1)
         return found
 
-    def status(self) -> dict[str, str]:
+    def status(self, backend: str = "rango") -> dict[str, str]:
         """Each server's state as HAProxy sees it: ``UP``, ``DOWN``, ``UP 1/2``..."""
-        return {name: row["status"] for name, row in self.stats().items()}
+        return {name: row["status"] for name, row in self.stats(backend).items()}
 
-    def wait_status(self, server: str, state: str, timeout: float) -> None:
-        wait_for(lambda: self.status().get(server) == state, timeout,
-                 f"haproxy: {server} {state} (now {self.status()})")  # fmt: skip
+    def wait_status(self, server: str, state: str, timeout: float,
+                    backend: str = "rango") -> None:  # fmt: skip
+        wait_for(lambda: self.status(backend).get(server) == state, timeout,
+                 f"haproxy: {backend}/{server} {state} (now {self.status(backend)})")  # fmt: skip
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
