@@ -1,7 +1,7 @@
 """A three-node RabbitMQ cluster of the tests' own, on this machine, apart from the
 shared broker on 5672 (whose node, ``rabbit@localhost``, is never touched here).
 
-Each node has its own name (``rango-t1@<short hostname>`` ...), AMQP port (5681-5683
+Each node has its own name (``rango-t1@localhost`` ...), AMQP port (5681-5683
 unless taken) and distribution port (25681-25683), and its data, logs, configuration
 and enabled-plugins file (no plugins: a node boots in a few seconds) under
 ``/tmp/rango-cluster-<prefix>``, owned by the ``rabbitmq`` user the nodes run as. All
@@ -173,7 +173,9 @@ class Cluster:
         self.scripts = scripts
         self.netns = netns
         self.listen = listen
-        self.hostname = socket.gethostname().split(".")[0]
+        # Not the machine's name: in a container it often resolves to an outside
+        # address, where the nodes' distribution ports (loopback only) do not listen.
+        self.hostname = "localhost"
         suffix = f"{prefix}-{netns}" if netns else prefix
         self.base = Path("/tmp") / f"rango-cluster-{suffix}"
         self.home = self.base / "home"  # the Erlang cookie of nodes and CLI alike
@@ -415,10 +417,24 @@ class Cluster:
         self.remove()
 
     def _own_vms(self) -> list[int]:
-        """Live ``beam.smp`` processes started with this cluster's HOME (``-home``)."""
-        pids = (int(entry) for entry in os.listdir("/proc") if entry.isdigit())
-        return [pid for pid in pids if comm(pid) == "beam.smp" and self._has_home(pid)
-                and alive(pid)]  # fmt: skip
+        """Live ``beam.smp`` processes started with this cluster's HOME (``-home``), and
+        in a namespace of the cluster's own the ``epmd`` its first node started there
+        (the root namespace's epmd serves the shared broker: never that one)."""
+        pids = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        own = [pid for pid in pids if comm(pid) == "beam.smp" and self._has_home(pid)]
+        if self.netns is not None:
+            own += [pid for pid in pids if comm(pid) == "epmd" and self._in_our_netns(pid)]
+        return [pid for pid in own if alive(pid)]
+
+    def _in_our_netns(self, pid: int) -> bool:
+        try:
+            ours = os.stat(f"/run/netns/{self.netns}")
+            theirs = os.stat(f"/proc/{pid}/ns/net")
+        except OSError:
+            return False
+        mine = os.stat("/proc/self/ns/net")
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino) != (
+            mine.st_dev, mine.st_ino)
 
     def _has_home(self, pid: int) -> bool:
         return f" -home {self.home} " in f" {cmdline(pid)} "
