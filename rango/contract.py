@@ -20,12 +20,12 @@ through its environment:
     holding clients and the port. Workers started otherwise (supervisord, a
     shell) get no such variable and never watch their parent.
 
-With ``RANGO_PRELOAD=1`` the supervisor starts a worker template instead
-(``python -m workers.template``, :mod:`rango.template`) with the same
-environment less the index and status pipe, plus ``RANGO_TEMPLATE_FD``, its end
+With ``RANGO_PRELOAD=1`` the supervisor forks a worker template instead
+(:mod:`rango.template`) with the same environment less the index and status
+pipe, plus ``RANGO_TEMPLATE_FD``, its end
 of a SOCK_SEQPACKET control socket speaking :class:`TemplateMessage`; each forked
 worker gets its index and status pipe from the ``spawn`` request and is named
-``rango-worker-<index>`` (:func:`name_process`), since it keeps the template's
+``rango-worker-<index>`` (:func:`name_process`), since it keeps the supervisor's
 command line. A template that cannot use its configuration says why on the
 socket (``refused <message>``) instead of printing it, so that the supervisor
 prints it as the one line at start-up, or logs it as the one error line of a
@@ -71,7 +71,6 @@ __all__ = [
     "name_process",
     "parse_statuses",
     "run_loop",
-    "template_command",
     "template_env",
     "worker_command",
     "worker_env",
@@ -85,7 +84,6 @@ ENV_METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own name
 ENV_CONTROL_FD = "RANGO_TEMPLATE_FD"
 
 WORKER_MODULE = "workers.worker"
-TEMPLATE_MODULE = "workers.template"
 
 # The settings named when a listener cannot be opened.
 WS_LISTENER = "RANGER_HOST/RANGER_PORT (or --ws-addr)"
@@ -159,11 +157,6 @@ def worker_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", WORKER_MODULE, *argv]
 
 
-def template_command(argv: list[str]) -> list[str]:
-    """The command line of a worker template with ``rango``'s own flags."""
-    return [sys.executable, "-m", TEMPLATE_MODULE, *argv]
-
-
 def template_env(
     control_fd: int, metrics_dir: str, base: Mapping[str, str] | None = None
 ) -> dict[str, str]:
@@ -178,7 +171,8 @@ def template_env(
 def name_process(name: str) -> None:
     """Set the process's name as ``ps -o comm``, ``top`` and ``pgrep`` show it (15 bytes).
 
-    Forked workers share the template's command line; the name tells them apart.
+    Templates and forked workers keep the supervisor's command line; the name tells
+    them apart.
     """
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
         f.write(name[:15])

@@ -1,4 +1,8 @@
-"""The supervisor's side of the worker template: start it, ask it for workers, reap them.
+"""The supervisor's side of the worker template: fork it, ask it for workers, reap them.
+
+The template is forked from the supervisor (see :func:`rango.template.become_template`
+for what the child does first), so it shares the supervisor's pages; it is watched
+and reaped as the workers are, through :class:`ForkedProcess`.
 
 A forked worker is not the template's child for long: the template forks it
 through a middle process that exits at once, and the supervisor, a child
@@ -20,7 +24,7 @@ import socket
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from .contract import TemplateMessage, template_command, template_env
+from .contract import TemplateMessage, template_env
 
 __all__ = ["ForkedProcess", "Refusal", "Template", "become_subreaper"]
 
@@ -40,8 +44,8 @@ def become_subreaper() -> bool:
 
 
 class ForkedProcess:
-    """A worker forked by the template and re-parented here, with the parts of
-    :class:`asyncio.subprocess.Process` the supervisor uses."""
+    """A template forked here, or a worker forked by the template and re-parented here,
+    with the parts of :class:`asyncio.subprocess.Process` the supervisor uses."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -73,6 +77,12 @@ class ForkedProcess:
         if self.returncode is None:
             signal.pidfd_send_signal(self._pidfd, sig)
 
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
 
 class Refusal(NamedTuple):
     """Why a template did not start."""
@@ -86,7 +96,7 @@ class Refusal(NamedTuple):
 class Template:
     """One template process and its control socket."""
 
-    def __init__(self, process: asyncio.subprocess.Process, control: socket.socket) -> None:
+    def __init__(self, process: ForkedProcess, control: socket.socket) -> None:
         self.process = process
         self.control = control
         self._loop = asyncio.get_running_loop()
@@ -102,12 +112,15 @@ class Template:
     ) -> Template | Refusal:
         """A ready template with environment ``env`` (and the template's variables), or
         why it is not."""
+        from .template import become_template
+
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            process = await asyncio.create_subprocess_exec(
-                *template_command(argv), env=template_env(theirs.fileno(), metrics_dir, env),
-                pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            )  # fmt: skip
+            child_env = template_env(theirs.fileno(), metrics_dir, env)
+            pid = os.fork()
+            if pid == 0:
+                become_template(theirs.fileno(), argv, child_env)  # never returns
+            process = ForkedProcess(pid)
         finally:
             theirs.close()
         ours.setblocking(False)

@@ -1,7 +1,7 @@
 """``RANGO_PRELOAD=1``: workers forked from a template process (rango/template.py).
 
 Real supervisor, template and workers, real RabbitMQ and clients: the workers are
-forked (they carry the template's command line and their own name), re-parented
+forked (they carry the supervisor's command line and their own name), re-parented
 to the supervisor, and serve events; a worker killed with SIGKILL is replaced by a
 new fork; SIGHUP renews the template, so a new key file is used by the new workers;
 a key the new template refuses ends that roll-out and keeps the old workers;
@@ -52,8 +52,10 @@ def test_workers_are_forked_from_the_template_and_serve(rango_factory, publisher
     workers = two_workers(rango)
     [template] = rango.template_pids()
     assert comm(template) == "rango-template"
+    assert cmdline(template) == cmdline(rango.pid)  # forked from the supervisor
+    assert parent(template) == rango.pid
     for pid in workers:
-        assert "workers.template" in cmdline(pid)  # forked, not a fresh interpreter
+        assert cmdline(pid) == cmdline(rango.pid)  # forked, never a fresh interpreter
         assert parent(pid) == rango.pid  # re-parented to the supervisor (subreaper)
     assert sorted(comm(p) for p in workers) == ["rango-worker-0", "rango-worker-1"]
     stream = f"{unique()}.trades"

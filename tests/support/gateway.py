@@ -26,17 +26,16 @@ from websockets.sync.client import ClientConnection, connect
 from support import AMQP_URL, REPO
 from support.metrics import scrape
 from support.polling import wait_for
-from support.procfs import child_pids, cmdline, comm, descendants
+from support.procfs import child_pids, comm, descendants
 from support.tokens import KeyPair
 
 RANGO_COMMAND = [sys.executable, "-m", "rango.cli"]
 
 
 def is_template(pid: int) -> bool:
-    """A worker template: its command line, and not (yet) a worker's name
-    (a forked worker keeps the template's command line but names itself
-    ``rango-worker-<index>``, rango.contract.name_process)."""
-    return "workers.template" in cmdline(pid) and not comm(pid).startswith("rango-worker-")
+    """A worker template: its name (templates and forked workers keep the supervisor's
+    command line and name themselves, rango.contract.name_process)."""
+    return comm(pid) == "rango-template"
 
 
 def free_port() -> int:
