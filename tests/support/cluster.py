@@ -390,9 +390,8 @@ class Cluster:
         # cluster_status lists only the members whose RabbitMQ runs, not stop_app-ed ones.
         if all(node.pid() for node in self.nodes) and self.running_nodes(first) == names:
             return
-        for node in self.nodes:
-            if not self.is_running(node):
-                self.start(node)
+        # All at once: a node that did not stop last waits for the tables of the others.
+        self._run_parallel(self.start, [node for node in self.nodes if not self.is_running(node)])
         self.check_running()
 
     def remove(self) -> None:
