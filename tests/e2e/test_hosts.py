@@ -259,8 +259,15 @@ class Ticker:
 
 
 async def all_received(pages: list[Page], last: int, timeout: float = 15.0) -> None:
-    await async_wait_for(lambda: all(p.numbers and p.numbers[-1] >= last for p in pages),
-                         timeout, f"every page to receive event {last}")  # fmt: skip
+    def behind() -> list[Page]:
+        return [p for p in pages if not (p.numbers and p.numbers[-1] >= last)]
+
+    try:
+        await async_wait_for(lambda: not behind(), timeout, f"every page to receive event {last}")
+    except AssertionError as exc:
+        late = [(p.ports, p.numbers[-3:], len(p.closed_at), p.refused[-1:]) for p in behind()]
+        raise AssertionError(f"{exc}: {len(late)} behind (ports, last numbers, closes, "
+                             f"refusals): {late[:5]}") from None  # fmt: skip
 
 
 def contiguous(numbers: list[int]) -> bool:
@@ -352,6 +359,7 @@ def test_a_host_killed_is_taken_out_and_its_clients_come_back_through_haproxy(to
         fresh = await open_pages(topo.haproxy.url(query=f"stream={stream}"), stream, 30)
         assert stot(topo, victim) == sent_before
         assert victim not in servers_of(topo, fresh)
+        await all_received(fresh, ticker.next)  # an event published after they subscribed
         published = await ticker.stop()
         await all_received([*pages, *fresh], published - 1)
         # Reconnections sent to the dead host before its check failed (leastconn: it had

@@ -57,6 +57,7 @@ class HAProxy:
             "RANGO_LB_BIND": f"127.0.0.1:{self.port}",
             "RANGO_LB_STATS": str(self.socket_path),
             "RANGO_LB_LOG": "stderr",
+            "RANGO_LB_USER": "root",  # namespace servers: setns on every connection
         }
         for i, (address, opts) in enumerate(servers, 1):
             self.env[f"RANGO_HOST{i}"] = address
