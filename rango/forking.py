@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from .contract import TemplateMessage, template_env
 
-__all__ = ["ForkedProcess", "Refusal", "Template", "become_subreaper"]
+__all__ = ["ForkedProcess", "Refusal", "Template", "become_subreaper", "trim_heap"]
 
 log = logging.getLogger("rango.supervisor")
 
@@ -41,6 +41,16 @@ def become_subreaper() -> bool:
         return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``).
+
+    Start-up frees much more than it keeps (imports, configuration, a template's
+    checks); those pages would otherwise stay resident, private to the process.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class ForkedProcess:

@@ -75,6 +75,7 @@ from .contract import (
     config_error,
     name_process,
 )
+from .forking import trim_heap
 
 __all__ = ["main"]
 
@@ -167,6 +168,9 @@ def _fork(
     control: socket.socket, config: Config, index: int, status_fd: int, metrics_dir: str
 ) -> int:
     """Fork worker ``index`` through a middle process; return the worker's pid."""
+    # What the checks and the last requests freed goes back to the kernel rather
+    # than into every worker's address space (≈0.3 MB less in the template).
+    trim_heap()
     gc.freeze()
     read_fd, write_fd = os.pipe()
     middle = os.fork()
