@@ -62,11 +62,13 @@ def cluster_rango(keys: KeyPair, log_dir: Path, cluster: Cluster) -> Rango:
 def gateway(rabbitmq_cluster: Cluster, keys: KeyPair, tmp_path: Path) -> Iterator[Rango]:
     rango = cluster_rango(keys, tmp_path, rabbitmq_cluster)
     started = time.monotonic()
-    rango.start(timeout=30)
-    wait_for(lambda: len(rango.worker_pids()) == WORKERS, 10, f"{WORKERS} workers")
-    print(f"\nrango --workers {WORKERS} ready in {time.monotonic() - started:.1f} s")
-    yield rango
-    rango.stop()
+    try:  # stopped even if it never gets ready (its workers would haunt the cluster)
+        rango.start(timeout=30)
+        wait_for(lambda: len(rango.worker_pids()) == WORKERS, 10, f"{WORKERS} workers")
+        print(f"\nrango --workers {WORKERS} ready in {time.monotonic() - started:.1f} s")
+        yield rango
+    finally:
+        rango.stop()
 
 
 def connected(rango: Rango) -> dict[str, str]:
@@ -213,6 +215,37 @@ def increasing(numbers: list[int]) -> bool:
     return all(a < b for a, b in itertools.pairwise(numbers))
 
 
+def test_events_published_on_any_node_reach_every_worker(rabbitmq_cluster, gateway):
+    cluster, rango = rabbitmq_cluster, gateway
+    on = placement(rango, cluster)
+    # Worker i starts at entry i mod 3: one worker per node.
+    assert {i: n.index for i, n in on.items()} == {"0": 1, "1": 2, "2": 3}, on
+    # One consumer per worker, on its node.
+    pids = "|".join(str(pid) for pid in rango.worker_pids())
+    consumers = {queue: node for queue, node in cluster.consumers_on().items()
+                 if re.fullmatch(rf"rango\.instance\.\S+\.({pids})\.[0-9a-f]+", queue)}  # fmt: skip
+    assert sorted(consumers.values()) == sorted(n.name for n in cluster.nodes), consumers
+    market = unique()
+    publishers = [NodePublisher(rango.exchange, node) for node in cluster.nodes]
+
+    async def scenario() -> None:
+        by_worker = await spread(rango, market)
+        everyone = [c for group in by_worker.values() for c in group]
+        for n, publisher in enumerate(publishers):
+            publisher.publish(f"public.{market}.trades", {"n": n})
+        await async_wait_for(lambda: all(len(c.numbers) >= 3 for c in everyone), 10,
+                             "an event from each node to every client")  # fmt: skip
+        for client in everyone:
+            assert sorted(client.numbers) == [0, 1, 2], client.numbers
+        await asyncio.gather(*(c.close() for c in everyone))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for publisher in publishers:
+            publisher.close()
+
+
 # A worker's node lost.
 
 
@@ -224,7 +257,6 @@ def test_node_lost_worker_moves_on(rabbitmq_cluster, gateway, how, victim):
     trades = f"public.{market}.trades"
     pids = {worker_index(pid): pid for pid in rango.worker_pids()}
     on = placement(rango, cluster)
-    # Worker i starts at entry i mod 3: one worker per node.
     assert {i: n.index for i, n in on.items()} == {"0": 1, "1": 2, "2": 3}, on
     lost = on[victim]
     # Events are published on a node that stays up, other than the victim's.
