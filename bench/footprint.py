@@ -9,7 +9,8 @@ from the supervisor's log) and a SIGHUP rolling restart of all workers.
     .venv/bin/python bench/footprint.py [--workers 1 2 4 8] [--rounds 1]
 
 No client is connected: this is what the processes cost by themselves. One JSON line
-per (mode, workers) with the load average.
+per (mode, workers) with the load average. Pss moves with the other Python processes
+of the machine (they share the libraries' pages); Pss_Anon is the tree's own.
 """
 
 from __future__ import annotations
@@ -38,8 +39,13 @@ SETTLE = 3.0  # seconds after ready: the first metrics syncs and AMQP set-up are
 
 
 def rollup(pid: int) -> dict[str, int]:
-    """Rss, Pss and Private_Dirty of ``pid`` in bytes (0 where it is gone)."""
-    wanted = {"Rss:": "rss", "Pss:": "pss", "Private_Dirty:": "private_dirty"}
+    """Rss, Pss (all, anonymous) and Private_Dirty of ``pid`` in bytes (0 where it is gone).
+
+    Pss counts a shared library's pages shared with every process that maps them, other
+    Python processes on the machine included, so it moves with what else runs; Pss_Anon
+    (heap and arenas, shared only by forking inside the tree) does not."""
+    wanted = {"Rss:": "rss", "Pss:": "pss", "Pss_Anon:": "pss_anon",
+              "Private_Dirty:": "private_dirty"}  # fmt: skip
     out = dict.fromkeys(wanted.values(), 0)
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -127,6 +133,7 @@ def one(args: argparse.Namespace, preload: bool, workers: int) -> dict[str, Any]
         "results": {
             "rss_mb": round(sum(p["rss"] for p in procs) / MB, 1),
             "pss_mb": round(sum(p["pss"] for p in procs) / MB, 1),
+            "pss_anon_mb": round(sum(p["pss_anon"] for p in procs) / MB, 1),
             "private_dirty_mb": round(sum(p["private_dirty"] for p in procs) / MB, 1),
             "worker_private_dirty_mb": {
                 "max": round(max(worker_dirty) / MB, 1),
@@ -137,6 +144,7 @@ def one(args: argparse.Namespace, preload: bool, workers: int) -> dict[str, Any]
                     "role": p["role"],
                     "rss_mb": round(p["rss"] / MB, 1),
                     "pss_mb": round(p["pss"] / MB, 1),
+                    "pss_anon_mb": round(p["pss_anon"] / MB, 1),
                     "private_dirty_mb": round(p["private_dirty"] / MB, 1),
                 }
                 for p in procs
