@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -59,16 +60,14 @@ def test_workers_are_forked_from_the_template_and_serve(rango_factory, publisher
         assert parent(pid) == rango.pid  # re-parented to the supervisor (subreaper)
     assert sorted(comm(p) for p in workers) == ["rango-worker-0", "rango-worker-1"]
     stream = f"{unique()}.trades"
-    clients = [sync_connect(rango.url(query=f"stream={stream}")) for _ in range(8)]
-    try:
+    with ExitStack() as stack:
+        clients = [stack.enter_context(sync_connect(rango.url(query=f"stream={stream}")))
+                   for _ in range(8)]  # fmt: skip
         for ws in clients:
             ws.recv(timeout=5)
         publisher.publish(f"public.{stream}", {"n": 1})
         for ws in clients:
             assert orjson.loads(ws.recv(timeout=5)) == {stream: {"n": 1}}
-    finally:
-        for ws in clients:
-            ws.close()
 
     # A killed worker is reaped by the supervisor and a new one forked in its slot.
     os.kill(workers[0], signal.SIGKILL)
