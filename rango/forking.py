@@ -104,6 +104,9 @@ class Refusal(NamedTuple):
     setting: bool
 
 
+_FORK_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+
+
 class Template:
     """One template process and its control socket."""
 
@@ -134,10 +137,20 @@ class Template:
             # the garbage, then freeze the rest out of the collector's sight.
             gc.collect()
             gc.freeze()
-            pid = os.fork()
-            if pid == 0:
-                become_template(theirs.fileno(), argv, child_env)  # never returns
+            # Signals wait until the child has let go of our handlers and wakeup fd:
+            # one delivered to it in between would be written to our loop's socket
+            # and acted on here (a SIGTERM meant for the template would stop us).
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_SIGNALS)
+            try:
+                pid = os.fork()
+                if pid == 0:
+                    become_template(theirs.fileno(), argv, child_env, blocked)  # never returns
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             process = ForkedProcess(pid)
+        except OSError as exc:  # EAGAIN under a tasks limit, ENOMEM
+            ours.close()
+            return Refusal(f"cannot fork a template: {exc.strerror or exc}", False)
         finally:
             theirs.close()
         ours.setblocking(False)

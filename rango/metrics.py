@@ -91,6 +91,7 @@ EVENT_ROUTING = Histogram(
     ["worker"],
     buckets=ROUTING_BUCKETS,
 )
+LEFT_NODE = -1.0  # rango_amqp_connected of a node the worker has left: never exported
 AMQP_CONNECTED = Gauge(
     "rango_amqp_connected",
     "1 while the worker consumes from RabbitMQ, else 0; node: the broker it uses or tries",
@@ -158,9 +159,11 @@ class Metrics(Observer):
         """The worker's AMQP state and node: one series per worker, of its current node."""
         if node != self._node and self._node is not None:
             if _MULTIPROCESS:
-                # Multiprocess files never forget a label set: NaN marks the node
-                # left, and the exporter leaves NaN series of this gauge out.
-                AMQP_CONNECTED.labels(self.worker, self._node).set(math.nan)
+                # Multiprocess files never forget a label set: -1 marks the node
+                # left, and the exporter leaves those series out. (Not NaN: the
+                # livemax merge of two processes of one index, in a rolling
+                # restart, compares with >, which NaN always loses or wins by order.)
+                AMQP_CONNECTED.labels(self.worker, self._node).set(LEFT_NODE)
             else:
                 AMQP_CONNECTED.remove(self.worker, self._node)
         self._node = node
@@ -438,7 +441,7 @@ class _Subscriptions:
 
 class _WithoutLeftNodes(Collector):
     """The workers' multiprocess metrics without the ``rango_amqp_connected`` series
-    of nodes a worker has left (:meth:`Metrics.amqp_connected` marks them NaN)."""
+    of nodes a worker has left (:meth:`Metrics.amqp_connected` marks them ``-1``)."""
 
     def __init__(self, collector: MultiProcessCollector) -> None:
         self.collector = collector
@@ -447,7 +450,7 @@ class _WithoutLeftNodes(Collector):
         for family in self.collector.collect():
             if family.name == "rango_amqp_connected":
                 family.samples = [sample for sample in family.samples
-                                  if not math.isnan(sample.value)]
+                                  if sample.value != LEFT_NODE]
             yield family
 
 

@@ -349,9 +349,10 @@ def _amqp_urls(row: Setting, source: Source) -> tuple[str, ...]:
     """
     addr = source.flag(row.flag)
     if addr is not None:
-        return tuple(
-            _check_amqp_url(entry, AMQP_ADDR.name) for entry in _entries(str(addr), AMQP_ADDR.name)
-        )
+        # A comma may stand in a URL's password or query (RFC 3986 sub-delims): the
+        # next entry is where a comma is followed by a scheme.
+        entries = [entry.strip() for entry in re.split(r",(?=\s*amqps?://)", str(addr))]
+        return tuple(_check_amqp_url(entry, AMQP_ADDR.name) for entry in entries)
     user = quote(source.value("RABBITMQ_USER"), safe="")
     password = quote(source.value("RABBITMQ_PASSWORD"), safe="")
     default_port = source.value("RABBITMQ_PORT")
@@ -382,22 +383,36 @@ def broker_host(entry: str, default_port: int, name: str) -> tuple[str, int]:
     if entry.startswith("["):
         close = entry.find("]")
         rest = entry[close + 1:] if close > 0 else None
-        if close <= 1 or (rest and not rest.startswith(":")):
+        if close <= 1 or (rest and not rest.startswith(":")) or not _IPV6.fullmatch(
+            entry[1:close]
+        ):
             raise ConfigError(f"{name}: {entry!r}: write an IPv6 address as [::1] or [::1]:5672")
         host, port_text = entry[: close + 1], rest[1:] if rest else None
     elif entry.count(":") > 1:
+        if not _IPV6.fullmatch(entry):
+            raise ConfigError(f"{name}: {entry!r}: write an IPv6 address as [::1] or [::1]:5672")
         host, port_text = f"[{entry}]", None
     else:
         host, _, port_text = entry.partition(":")
         port_text = port_text if ":" in entry else None
         if not host:
             raise ConfigError(f"{name}: {entry!r} has no host")
+        if _NOT_IN_HOST.search(host):
+            # pika would read the rest as a vhost, a user or a fragment, or fail
+            # only when connecting, in every worker.
+            raise ConfigError(f"{name}: {entry!r} is not a host name or address")
     if port_text is None:
         return host, default_port
+    if not port_text.isascii() or not port_text.isdigit() or len(port_text) > 5:
+        raise ConfigError(f"{name}: {entry!r}: port {port_text!r} is not a number")
     try:
         return host, _integer(port_text, 1, 65535)
     except ValueError as exc:
         raise ConfigError(f"{name}: {entry!r}: port {exc}") from None
+
+
+_IPV6 = re.compile(r"[0-9A-Fa-f:.]+(%[A-Za-z0-9_.\-]+)?")  # a zone index may follow
+_NOT_IN_HOST = re.compile(r"[\s/@?#%\\\[\]]|[\x00-\x1f\x7f]")
 
 
 def _check_with_pika(url: str, name: str, shown: str) -> None:
@@ -431,6 +446,11 @@ def _check_amqp_url(url: str, name: str) -> str:
         raise ConfigError(f"{name}: {shown} has an invalid port") from None
     if port_number == 0:
         raise ConfigError(f"{name}: {shown} has an invalid port")
+    if "," in parts.path or "," in parts.hostname:
+        raise ConfigError(
+            f"{name}: {shown}: separate the URLs of a list with commas, each starting with "
+            "amqp:// or amqps://"
+        )
     _check_with_pika(url, name, without_password(url))
     return url
 
@@ -438,11 +458,12 @@ def _check_amqp_url(url: str, name: str) -> str:
 def without_password(url: str) -> str:
     """``url`` with the password of its user part, if any, as ``***``."""
     scheme, sep, rest = url.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")
+    # The last "@" before any query ends the user part, even where a password has
+    # an unescaped "/" (which would start the path): mask too much rather than leak.
+    userinfo, at, _ = rest.partition("?")[0].rpartition("@")
     if not sep or not at or ":" not in userinfo:
         return url
-    return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}{slash}{path}"
+    return f"{scheme}://{userinfo.partition(':')[0]}:***@{rest[len(userinfo) + 1:]}"
 
 
 def _public_key(row: Setting, source: Source) -> bytes:
@@ -857,10 +878,11 @@ def read_env_file(path: str) -> dict[str, str]:
     """The variables of ``path``, a subset of systemd's ``EnvironmentFile=`` syntax.
 
     One ``NAME=value`` a line; blank lines and lines starting with ``#`` or ``;``
-    are skipped; blanks around the name and the value are dropped, and so are
-    matching quotes around the whole value (nothing inside is unescaped). A line
-    ending in a backslash (systemd's continuation) is refused rather than read
-    differently. Errors name the line, never its text (it may hold a password).
+    are skipped; blanks around the name and the value are dropped. The value is
+    read as systemd reads it (:func:`_env_value`): quotes, and backslashes. A line
+    ending in a backslash or inside quotes (systemd's continuation) is refused
+    rather than read differently. Errors name the line, never its text (it may hold
+    a password).
     """
     name = "RANGO_ENV_FILE"
     try:
@@ -883,14 +905,57 @@ def read_env_file(path: str) -> dict[str, str]:
             raise ConfigError(f"{where}: not NAME=value")
         if key == name:
             raise ConfigError(f"{where}: {name} cannot be set in the file itself")
-        if value.endswith("\\"):
-            raise ConfigError(f"{where}: {key}: a line continuation (\\) is not supported")
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
+        try:
+            value = _env_value(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
         if "\0" in value:
             raise ConfigError(f"{where}: {key}: a NUL character")
         variables[key] = value
     return variables
+
+
+def _env_value(raw: str) -> str:
+    """One value as systemd's env-file parser reads it (``parse_env_file_internal``):
+    outside quotes a backslash takes the next character as it is; inside ``'…'``
+    nothing is special; inside ``"…"`` a backslash escapes only ``" \\ ` $`` and
+    is kept before anything else; quoted and unquoted parts join (``"a"b`` is
+    ``ab``). ValueError where systemd would read on into the next line."""
+    out: list[str] = []
+    quote = ""
+    between = False  # after a closing quote, blanks are skipped (systemd's PRE_VALUE)
+    chars = iter(raw)
+    for char in chars:
+        if between and char in " \t":
+            continue
+        between = False
+        if quote == "'":
+            if char == "'":
+                quote, between = "", True
+            else:
+                out.append(char)
+        elif quote == '"':
+            if char == '"':
+                quote, between = "", True
+            elif char == "\\":
+                escaped = next(chars, None)
+                if escaped is None:
+                    raise ValueError("a line continuation (\\) is not supported")
+                out.append(escaped if escaped in '"\\`$' else char + escaped)
+            else:
+                out.append(char)
+        elif char in "'\"":
+            quote = char
+        elif char == "\\":
+            escaped = next(chars, None)
+            if escaped is None:
+                raise ValueError("a line continuation (\\) is not supported")
+            out.append(escaped)
+        else:
+            out.append(char)
+    if quote:
+        raise ValueError(f"an unclosed {quote} (a value over several lines is not supported)")
+    return "".join(out)
 
 
 def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -83,6 +83,11 @@ class Process(Protocol):
     def send_signal(self, sig: int) -> None: ...
 
 
+# Seconds a rolling restart waits for a new worker to consume before it replaces a
+# consuming one: above a failover over a silent node (pika's 5 s stack timeout).
+CONSUME_TIMEOUT = 10.0
+
+
 class Worker:
     """One worker process and what the supervisor knows of it."""
 
@@ -184,7 +189,7 @@ class Supervisor:
                 log.error("%s; stopping", template.reason)
                 return Exit.CONFIG
             self.template = template
-        _enable_listener_migration()
+        _enable_listener_migration(self.env)
         for sig, handler in (
             (signal.SIGTERM, self.stop),
             (signal.SIGINT, self.stop),
@@ -418,8 +423,14 @@ class Supervisor:
             if failure is None:
                 # Wait for the consumer too, unless RabbitMQ is down anyway.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(new.ready), 5.0)
-            else:
+                    await asyncio.wait_for(asyncio.shield(new.ready), CONSUME_TIMEOUT)
+                if not new.ready.done() and old is not None and old.status == Status.CONSUMING:
+                    # Broker settings that parse but reach no broker (a new password or
+                    # host from RANGO_ENV_FILE) would otherwise replace every consuming
+                    # worker by one that consumes nothing.
+                    failure = (f"does not consume from RabbitMQ within {CONSUME_TIMEOUT:.0f} s "
+                               "while the old one does")
+            if failure is not None:
                 log.error("rolling restart: worker %d (pid %d) %s; keeping the old one",
                           index, new.pid, failure)
                 new.draining = True
@@ -498,14 +509,14 @@ def _port_taken(host: str, port: int) -> str:
     return ""
 
 
-def _enable_listener_migration() -> None:
+def _enable_listener_migration(env: Mapping[str, str]) -> None:
     """Let a closing ``SO_REUSEPORT`` listener hand its queued connections to the others.
 
     Without ``net.ipv4.tcp_migrate_req`` (Linux ≥ 5.14, per network namespace),
     connections waiting in a draining worker's accept queue are reset when it
     stops listening. Set ``RANGO_TCP_MIGRATE_REQ=0`` to leave the sysctl alone.
     """
-    if not tcp_migrate_req():
+    if not tcp_migrate_req(env):  # the environment with RANGO_ENV_FILE's values
         return
     try:
         with open(MIGRATE_REQ) as f:

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     own_dir = tempfile.mkdtemp(prefix="rango-template-")
     os.environ[ENV_METRICS_DIR] = own_dir
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the supervisor decides
+    # The supervisor ends a template with SIGTERM: unwind, so that `finally` removes
+    # its private metrics directory (SIG_DFL left one in /tmp per SIGHUP).
+    signal.signal(signal.SIGTERM, _unwind)
     try:
         try:
             config = config_from_args(parse_args(argv))
@@ -129,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(control, config, metrics_dir)
     finally:
         shutil.rmtree(own_dir, ignore_errors=True)
+
+
+def _unwind(signum: int, frame: object) -> None:
+    raise SystemExit(Exit.OK)
 
 
 def _refuse(control: socket.socket, exc: ConfigError) -> int:
@@ -213,6 +220,7 @@ def _become_worker(
         control.close()
         _wait_until_reparented()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's loop sets its own
         os.environ[ENV_INDEX] = str(index)
         os.environ[ENV_STATUS_FD] = str(status_fd)
         os.environ[ENV_METRICS_DIR] = metrics_dir
@@ -230,7 +238,9 @@ def _become_worker(
         os._exit(code)
 
 
-def become_template(control_fd: int, argv: list[str], env: Mapping[str, str]) -> NoReturn:
+def become_template(
+    control_fd: int, argv: list[str], env: Mapping[str, str], mask: set[int | signal.Signals]
+) -> NoReturn:
     """Turn a process just forked from the supervisor into a template; never returns.
 
     Called in the child of ``os.fork()`` in the supervisor, inside a callback of
@@ -244,6 +254,7 @@ def become_template(control_fd: int, argv: list[str], env: Mapping[str, str]) ->
         signal.set_wakeup_fd(-1)  # the supervisor loop's: a signal here must not reach it
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # blocked by the supervisor to fork
         _shadow_descriptors(control_fd)
         os.environ.clear()
         os.environ.update(env)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import orjson
 import pytest
 from support.answers import recv_json, subscribed
 from support.broker import unique
-from support.gateway import Rango
+from support.gateway import Rango, free_port
 from support.polling import wait_for
 from support.procfs import PPID, cmdline, comm, stat_fields
 from support.tokens import KeyPair
@@ -194,6 +195,14 @@ def test_sighup_reads_the_env_file_again(
     assert private(rango, new_keys) is None
     assert private(rango, keys) == 401
     assert not errors_after(rango, offset)
+    # The old template, ended by SIGTERM, removed its private metrics directory.
+    wait_for(lambda: not template_dirs(old_template), 10, "the old template's directory gone")
+
+
+def template_dirs(pid: int) -> list[Path]:
+    """The private metrics directories holding files of template ``pid``."""
+    return [d for d in Path(tempfile.gettempdir()).glob("rango-template-*")
+            if any(d.glob(f"*_{pid}.db"))]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -220,3 +229,38 @@ def test_a_bad_env_file_stops_start_up_with_one_line(
     assert code == 2, lines
     assert len(lines) == 1, lines
     assert lines[0].startswith(f"rango: {named}"), lines
+
+
+def test_sighup_keeps_consuming_workers_when_the_new_broker_settings_reach_no_broker(
+    keys: KeyPair, tmp_path: Path, publisher_factory
+):
+    """RABBITMQ_PORT changed in RANGO_ENV_FILE to a port nothing listens on: well-formed,
+    so the template accepts it, but the first new worker never consumes; the roll-out
+    stops there and the consuming old workers stay."""
+    env_file = tmp_path / "rango.env"
+    env_file.write_text("RABBITMQ_HOST=127.0.0.1\nRABBITMQ_PORT=5672\n")
+    rango = Rango(keys, tmp_path, {**PRELOAD, "RANGO_ENV_FILE": str(env_file)})
+    flag = rango.args.index("--amqp-addr")
+    del rango.args[flag:flag + 2]  # the broker from the file, not the tests' flag
+    with rango:
+        old = two_workers(rango)
+        publisher = publisher_factory(rango.exchange)
+        stream = f"{unique()}.trades"
+        env_file.write_text(f"RABBITMQ_HOST=127.0.0.1\nRABBITMQ_PORT={free_port()}\n")
+        offset = len(rango.log())
+        rango.send_signal(signal.SIGHUP)
+        wait_for(lambda: "keeping the old one" in rango.log()[offset:], 30, "the stopped roll")
+        [error] = errors_after(rango, offset)[-1:]
+        assert "does not consume from RabbitMQ" in error, error
+        assert sorted(rango.worker_pids()) == sorted(old)
+        assert rango.ready()
+        with rango.connect(query=f"stream={stream}") as ws:
+            assert recv_json(ws) == subscribed([stream])
+            publisher.publish(f"public.{stream}", {"n": 1})
+            assert recv_json(ws) == {stream: {"n": 1}}
+        # Fixed: the next SIGHUP rolls out.
+        env_file.write_text("RABBITMQ_HOST=127.0.0.1\nRABBITMQ_PORT=5672\n")
+        offset = len(rango.log())
+        rango.send_signal(signal.SIGHUP)
+        wait_for(lambda: "rolling restart done" in rango.log()[offset:], 30, "the roll-out")
+        two_workers(rango, old)

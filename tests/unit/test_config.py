@@ -421,3 +421,25 @@ def test_bad_amqp_addr_message_hides_the_password(env: dict[str, str], value: st
     message = config_error(env, amqp_addr=value)
     assert message.startswith("--amqp-addr: ") and "s3cret" not in message, message
     assert "u:***@" in message, message
+
+
+def test_amqp_addr_password_may_hold_a_comma_or_a_slash(env: dict[str, str]) -> None:
+    """RFC 3986 lets a password hold sub-delims: a list splits only before a scheme."""
+    urls = "amqp://u:pa,ss@mq1/, amqp://u:p@mq2/?tcp_options={'TCP_KEEPIDLE':60,'TCP_KEEPCNT':3}"
+    config = Config.from_env(env, amqp_addr=urls)
+    assert config.amqp_urls == (
+        "amqp://u:pa,ss@mq1/", "amqp://u:p@mq2/?tcp_options={'TCP_KEEPIDLE':60,'TCP_KEEPCNT':3}"
+    )
+    assert pika.URLParameters(config.amqp_urls[0]).credentials.password == "pa,ss"
+    for value in ("amqp://u:pa/ss@mq1:x/", "amqp://u:pa,ss@mq1:x/"):
+        message = config_error(env, amqp_addr=value)
+        assert "ss" not in message.replace("amqp", ""), message
+
+
+@pytest.mark.parametrize(
+    "hosts", ["mq1/vh", "u@mq1", "mq1#x", "mq1 :5672", "mq1?x", "h:+5672", "h:5_672",
+              "h: 5672", "h:\u0665\u0666\u0667\u0668", "[::1%]", "[zz::1]:5", "::g", "h:123456"],
+)  # fmt: skip
+def test_rabbitmq_host_entry_pika_would_misread(env: dict[str, str], hosts: str) -> None:
+    """Entries pika would take for a vhost, a user, a fragment, or an odd port."""
+    assert config_error({**env, "RABBITMQ_HOST": hosts}).startswith("RABBITMQ_HOST: ")

@@ -171,3 +171,32 @@ def test_a_row_is_all_a_setting_needs() -> None:
     with pytest.raises(ConfigError, match=r"^RANGO_EXAMPLE: 10 is out of range \(1 to 9\)$"):
         row.read(settings.Source({"RANGO_EXAMPLE": "10"}))
     assert (row.shown_default(), row.bounds()) == ("5", "1 to 9")
+
+
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        ("P=plain", "plain"),
+        ('P="a\\\\b\\$c\\"d\\`e"', 'a\\b$c"d`e'),  # systemd unescapes these in "…"
+        ('P="a\\qb"', "a\\qb"),  # and keeps a backslash before anything else
+        ("P='a\\\\b \"c\"'", 'a\\\\b "c"'),  # nothing is special in '…'
+        ("P=a\\\\b\\ c", "a\\b c"),  # unquoted: a backslash takes the next character
+        ('P="x" "y"z', "xyz"),  # quoted parts join, blanks between them dropped
+        ("P = 'spaced' ", "spaced"),
+    ],
+)
+def test_env_file_values_read_as_systemd_reads_them(
+    tmp_path: Path, line: str, value: str
+) -> None:
+    path = tmp_path / "rango.env"
+    path.write_text(f"# comment\n\n{line}\n")
+    assert settings.read_env_file(str(path)) == {"P": value}
+
+
+@pytest.mark.parametrize("line", ['P="open', "P='open", "P=x\\", 'P="x\\'])
+def test_env_file_values_over_several_lines_are_refused(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "rango.env"
+    path.write_text(f"{line}\nQ=1\n")
+    with pytest.raises(settings.ConfigError, match=r"line 1: P: ") as caught:
+        settings.read_env_file(str(path))
+    assert "open" not in str(caught.value).replace("unclosed", "")
