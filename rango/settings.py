@@ -738,7 +738,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         name="RANGO_ENV_FILE", group="rango", default=None,
         help="a file of `NAME=value` lines (systemd's `EnvironmentFile=` syntax: `#` "
-        "comments, blank lines, quotes around a value) that override the environment; "
+        "comments, blank lines, quotes and backslashes as systemd reads them; no value "
+        "over several lines) that override the environment; "
         "`rango` reads it at start and again at every SIGHUP, so a rolling restart "
         "rolls out its new values; see [Processes](#processes-rango---workers-n)",
     ),
