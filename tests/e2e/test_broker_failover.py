@@ -8,11 +8,12 @@ tests/e2e/test_cluster.py does the same against a real three-node RabbitMQ clust
 
 from __future__ import annotations
 
+import socket
 import time
 from contextlib import ExitStack
 from typing import Any
 
-from support.answers import assert_alive
+from support.answers import assert_alive, recv_json, subscribed
 from support.broker import BROKER, TcpProxy, unique
 from support.metrics import samples
 from support.outage import (
@@ -113,3 +114,36 @@ def test_every_node_lost_then_one_back(rango_factory, publisher_factory):
         assert "RabbitMQ is back" in rango.log()[offset:]
         assert rango.ready_status() == 200
         check_recovered(rango, publisher, market, trades, book)
+
+
+def test_a_node_that_accepts_and_stalls_is_given_up(rango_factory, publisher_factory):
+    """A listening socket nobody serves: TCP connects (the kernel's backlog), the AMQP
+    handshake never answers. The worker gives that node up after pika's stack timeout
+    (5 s, not pika's default 15 s) and consumes from the next."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    spare = TcpProxy(BROKER)
+    with ExitStack() as stack:
+        stack.callback(silent.close)
+        stack.callback(spare.close)
+        urls = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/," \
+               f"amqp://guest:guest@127.0.0.1:{spare.port}/"
+        started = time.monotonic()
+        rango = rango_factory(args=["--amqp-addr", urls, "--workers", "1"], wait=False)
+        def on_spare() -> bool:
+            try:
+                return nodes(rango).get("0") == (f"127.0.0.1:{spare.port}", 1.0)
+            except OSError:  # the metrics port is not up yet
+                return False
+
+        wait_logged(rango, on_spare, 15, "consuming from the second node")
+        took = time.monotonic() - started
+        assert 4.0 <= took < 12.0, f"moved after {took:.1f} s"
+        [line] = amqp_problems(rango.log())
+        assert f"127.0.0.1:{silent.getsockname()[1]}" in line and "trying" in line, line
+        publisher = publisher_factory(rango.exchange)
+        stream = f"{unique()}.trades"
+        with rango.connect(query=f"stream={stream}") as ws:
+            assert recv_json(ws) == subscribed([stream])
+            first_marker_after(publisher, ws, stream, time.monotonic())
