@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
@@ -42,6 +43,8 @@ BACKOFF_CAP = 2.0  # the broker's return is noticed within 2 s
 # While consuming, the exchange is re-declared and the queue re-bound this often:
 # an exchange deleted (and re-created by a publisher) is bound again within it.
 REBIND_INTERVAL = 2.0
+# Seconds of consuming after which a connection counts as a success (see _on_bound).
+SETTLE_AFTER = 1.0
 # Seconds between AMQP heartbeats unless the URL sets ``heartbeat=``: a path cut
 # silently (no FIN, no RST) is noticed after two missed ones, instead of the
 # broker's 60 s proposal; as Go Rango's amqp091 client.
@@ -89,12 +92,14 @@ class Consumer:
         self._connection: AsyncioConnection | None = None
         self._channel: Channel | None = None
         self._backoff = BACKOFF_FIRST
-        self._failures = 0  # attempts failed in a row since the last consume
+        self._failures = 0  # attempts failed in a row since a consume lasted
         self._retry: asyncio.Handle | None = None
         self._rebind: asyncio.TimerHandle | None = None
+        self._settle: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._reported = False
         _ignore_pika_connect_race(self._loop)
+        _CONSUMERS.add(self)
 
     @property
     def address(self) -> str:
@@ -151,6 +156,16 @@ class Consumer:
             custom_ioloop=self._loop,
         )
 
+    def _abort_attempt(self) -> None:
+        """Give up a connection attempt pika's connect race has left hanging (see
+        :func:`_ignore_pika_connect_race`): closing an opening connection aborts it,
+        and :meth:`_on_open_error` moves on to the next node now."""
+        conn = self._connection
+        if self.state is State.CONNECTING and conn is not None and not (
+            conn.is_open or conn.is_closing or conn.is_closed
+        ):
+            conn.close()
+
     def _on_open(self, conn: AsyncioConnection) -> None:
         conn.channel(on_open_callback=self._on_channel)
 
@@ -177,13 +192,20 @@ class Consumer:
     def _on_bound(self, _frame: object) -> None:
         assert self._channel is not None
         self._channel.basic_consume(self.queue, self._on_message, auto_ack=True)
-        self._backoff = BACKOFF_FIRST
-        self._failures = 0
+        # The failure count and the backoff start over only once consuming has lasted:
+        # a node that drops each connection right after the consume must not turn
+        # the moves into a loop without delay.
+        self._settle = self._loop.call_later(SETTLE_AFTER, self._settled)
         if self._reported:
             log.warning("RabbitMQ is back")
         self._reported = False
         self._set_state(State.CONSUMING)
         self._schedule_rebind()
+
+    def _settled(self) -> None:
+        self._settle = None
+        self._backoff = BACKOFF_FIRST
+        self._failures = 0
 
     def _schedule_rebind(self) -> None:
         self._rebind = self._loop.call_later(REBIND_INTERVAL, self._rebind_now)
@@ -266,9 +288,11 @@ class Consumer:
         if state is self.state:
             return
         previous, self.state = self.state, state
-        if previous is State.CONSUMING and self._rebind is not None:
-            self._rebind.cancel()
-            self._rebind = None
+        if previous is State.CONSUMING:
+            for timer in (self._rebind, self._settle):
+                if timer is not None:
+                    timer.cancel()
+            self._rebind = self._settle = None
         if state is State.CONSUMING:
             log.info("consuming %s from exchange %s on %s", self.queue, self.exchange,
                      self.address)
@@ -314,6 +338,10 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:200]
 
 
+# Consumers, for the connect-race handler (a worker has one; weak: tests make many).
+_CONSUMERS: weakref.WeakSet[Consumer] = weakref.WeakSet()
+
+
 def _ignore_pika_connect_race(loop: asyncio.AbstractEventLoop) -> None:
     """Keep pika's connect race out of the error log.
 
@@ -321,8 +349,10 @@ def _ignore_pika_connect_race(loop: asyncio.AbstractEventLoop) -> None:
     instant it is established, pika's connector calls ``getpeername()`` on a
     socket that is no longer connected and raises ValueError("Expected connected
     socket ...") from a loop callback, which asyncio would log with a traceback.
-    The attempt then ends on pika's own timeout and is retried like any failed
-    connect, so one debug line says it; every other exception is handled as before.
+    pika's attempt would then hang until its stack timeout (5 s, enough to miss the
+    3 s a returning node has to deliver): one debug line says it, and the attempts
+    left hanging are aborted, so the consumer tries the next node at once. Every
+    other exception is handled as before.
     """
     previous = loop.get_exception_handler()
     if getattr(previous, "__qualname__", "").startswith("_ignore_pika_connect_race"):
@@ -332,6 +362,8 @@ def _ignore_pika_connect_race(loop: asyncio.AbstractEventLoop) -> None:
         exc = context.get("exception")
         if isinstance(exc, ValueError) and "Expected connected socket" in str(exc):
             log.debug("RabbitMQ connection reset while connecting: %s", exc)
+            for consumer in list(_CONSUMERS):
+                consumer._abort_attempt()
             return
         if previous is not None:
             previous(loop, context)

@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         control.send(TemplateMessage.READY.value.encode())
         return _serve(control, config, metrics_dir)
     finally:
+        # The supervisor closes the socket, then sends SIGTERM: the end of file may
+        # have brought us here already, and the signal must not cut the removal short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         shutil.rmtree(own_dir, ignore_errors=True)
 
 

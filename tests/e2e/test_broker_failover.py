@@ -147,3 +147,24 @@ def test_a_node_that_accepts_and_stalls_is_given_up(rango_factory, publisher_fac
         with rango.connect(query=f"stream={stream}") as ws:
             assert recv_json(ws) == subscribed([stream])
             first_marker_after(publisher, ws, stream, time.monotonic())
+
+
+def test_nodes_that_drop_every_connection_get_backoff_not_a_loop(rango_factory):
+    """Each node accepts, lets the worker consume, and resets the connection 0.3 s later.
+    A consume that did not last 1 s is no success: the failure count goes on, so the
+    moves slow down to the 2 s backoff instead of reconnecting every 0.3 s forever."""
+    one, two = TcpProxy(BROKER, cut_after=0.3), TcpProxy(BROKER, cut_after=0.3)
+    with ExitStack() as stack:
+        stack.callback(one.close)
+        stack.callback(two.close)
+        rango = rango_factory(args=[*addr(one, two), "--workers", "1"], wait=False)
+        wait_logged(rango, lambda: one.accepted + two.accepted >= 2, 10, "a first move")
+        start, accepted = time.monotonic(), one.accepted + two.accepted
+        # Reconnecting at once would make ~8 connections a second; with the backoff
+        # (0.25, 0.5, 1, 2 s per round of both nodes) it is a few in all.
+        wait_logged(rango, lambda: time.monotonic() - start >= 6, 10, "six seconds")
+        made = one.accepted + two.accepted - accepted
+        assert made <= 10, f"{made} connections in 6 s"
+        assert not rango.exited()
+        problems = amqp_problems(rango.log())
+        assert len(problems) <= 2 * made + 4, problems

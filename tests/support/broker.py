@@ -89,13 +89,16 @@ class TcpProxy:
     refuses connections, as when nothing runs there. :meth:`listen` starts
     accepting; :meth:`on` also forwards. :meth:`off` resets every connection
     accepted from then on (counted in ``refused``) and cuts the connections it
-    is forwarding, both ways.
+    is forwarding, both ways. With ``cut_after``, each forwarded connection is reset
+    that many seconds after it was accepted (a node that drops every connection).
     """
 
     def __init__(
-        self, upstream: tuple[str, int], enabled: bool = True, listening: bool = True
+        self, upstream: tuple[str, int], enabled: bool = True, listening: bool = True,
+        cut_after: float | None = None,
     ) -> None:
         self.upstream = upstream
+        self.cut_after = cut_after
         self.enabled = enabled
         self.accepted = 0  # connections forwarded
         self.refused = 0  # connections accepted and reset while off
@@ -168,6 +171,17 @@ class TcpProxy:
                 self._pairs.append((client, upstream))
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=_pump, args=(src, dst), daemon=True).start()
+            if self.cut_after is not None:
+                cut = threading.Timer(self.cut_after, self._cut, args=(client, upstream))
+                cut.daemon = True
+                cut.start()
+
+    def _cut(self, client: socket.socket, upstream: socket.socket) -> None:
+        with self._lock:
+            if (client, upstream) in self._pairs:
+                self._pairs.remove((client, upstream))
+        reset_socket(client)
+        reset_socket(upstream)
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
