@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import re
+import struct
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -441,17 +442,41 @@ class _Subscriptions:
 
 class _WithoutLeftNodes(Collector):
     """The workers' multiprocess metrics without the ``rango_amqp_connected`` series
-    of nodes a worker has left (:meth:`Metrics.amqp_connected` marks them ``-1``)."""
+    of nodes a worker has left (:meth:`Metrics.amqp_connected` marks them ``-1``),
+    and without the files a process is creating at this instant.
 
-    def __init__(self, collector: MultiProcessCollector) -> None:
+    prometheus-client creates a file empty, then sizes it: read in between, it
+    raises struct.error (seen in a scrape while workers moved between nodes). Such
+    a file holds nothing yet, so it is left for the next scrape.
+    """
+
+    def __init__(self, collector: MultiProcessCollector, directory: str) -> None:
         self.collector = collector
+        self.directory = directory
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.collector.collect():
+        for attempt in range(3):
+            files = [entry.path for entry in os.scandir(self.directory)
+                     if entry.name.endswith(".db") and _sized(entry)]  # fmt: skip
+            try:
+                families = list(self.collector.merge(files, accumulate=True))
+                break
+            except (struct.error, OSError):  # a file created or removed meanwhile
+                if attempt == 2:
+                    raise
+        for family in families:
             if family.name == "rango_amqp_connected":
                 family.samples = [sample for sample in family.samples
                                   if sample.value != LEFT_NODE]
             yield family
+
+
+def _sized(entry: os.DirEntry[str]) -> bool:
+    """True once a multiprocess file has its header (its first 8 bytes)."""
+    try:
+        return entry.stat().st_size >= 8
+    except OSError:
+        return False
 
 
 class Exporter:
@@ -470,7 +495,9 @@ class Exporter:
         self.directory = directory
         self.name = name
         self.registry = CollectorRegistry()
-        self._workers_collector = _WithoutLeftNodes(MultiProcessCollector(None, path=directory))
+        self._workers_collector = _WithoutLeftNodes(
+            MultiProcessCollector(None, path=directory), directory
+        )
         self.registry.register(self._workers_collector)
         self.registry.register(_Subscriptions(directory))
         PlatformCollector(registry=self.registry)

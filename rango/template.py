@@ -60,7 +60,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import NoReturn
 
 from .config import Config, ConfigError
@@ -118,9 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     own_dir = tempfile.mkdtemp(prefix="rango-template-")
     os.environ[ENV_METRICS_DIR] = own_dir
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the supervisor decides
-    # The supervisor ends a template with SIGTERM: unwind, so that `finally` removes
-    # its private metrics directory (SIG_DFL left one in /tmp per SIGHUP).
-    signal.signal(signal.SIGTERM, _unwind)
+    # The supervisor ends a template with SIGTERM, just after closing the socket: the
+    # handler removes the private metrics directory itself (SIG_DFL left one in /tmp per
+    # SIGHUP; unwinding into `finally` lost the race with the end of file).
+    signal.signal(signal.SIGTERM, _remove_on_sigterm(own_dir, os.getpid()))
     try:
         try:
             config = config_from_args(parse_args(argv))
@@ -137,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(own_dir, ignore_errors=True)
 
 
-def _unwind(signum: int, frame: object) -> None:
-    raise SystemExit(Exit.OK)
+def _remove_on_sigterm(own_dir: str, pid: int) -> Callable[[int, object], None]:
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() == pid:  # not a middle process or a worker, which inherit it
+            shutil.rmtree(own_dir, ignore_errors=True)
+        os._exit(Exit.OK)
+
+    return handler
 
 
 def _refuse(control: socket.socket, exc: ConfigError) -> int:
