@@ -83,6 +83,9 @@ class Process(Protocol):
     def send_signal(self, sig: int) -> None: ...
 
 
+# Settings a rolling restart cannot change: (variable, Config field).
+_RESTART_ONLY = (("RANGER_HOST", "ws_host"), ("RANGER_PORT", "ws_port"),
+                 ("LOG_FORMAT", "log_format"))  # fmt: skip
 # Seconds a rolling restart waits for a new worker to consume before it replaces a
 # consuming one: above a failover over a silent node (pika's 5 s stack timeout).
 CONSUME_TIMEOUT = 10.0
@@ -256,7 +259,15 @@ class Supervisor:
             # The supervisor's own settings here; the rest by the new template (or,
             # without one, all of them here). The supervisor keeps its own ports,
             # worker count and logging until it is restarted.
-            supervisor_config(self.args, env)
+            new = supervisor_config(self.args, env)
+            # New workers on another address than the old (and than the port check
+            # at start), or logging in another format than the supervisor: refused.
+            moved = [name for name, field in _RESTART_ONLY
+                     if getattr(new, field) != getattr(self.config, field)]  # fmt: skip
+            if moved:
+                raise ConfigError(
+                    f"{', '.join(moved)} changed: that takes a restart, not a SIGHUP"
+                )
         return env
 
     # Workers.

@@ -175,6 +175,9 @@ def test_sighup_reads_the_env_file_again(
     for text, named in (
         ("RANGO_MAX_SUBSCRIPTIONS=3\nthis line is no setting\n", "RANGO_ENV_FILE"),
         ("RANGO_MAX_SUBSCRIPTIONS=many\n", "RANGO_MAX_SUBSCRIPTIONS"),
+        # New workers on another port than the old ones, or logging in another format
+        # than the supervisor: a restart's job.
+        (f"RANGER_PORT={free_port()}\nLOG_FORMAT=json\n", "RANGER_PORT, LOG_FORMAT changed"),
     ):
         env_file.write_text(text)
         offset = len(rango.log())
