@@ -45,6 +45,11 @@ BACKOFF_CAP = 2.0  # the broker's return is noticed within 2 s
 REBIND_INTERVAL = 2.0
 # Seconds of consuming after which a connection counts as a success (see _on_bound).
 SETTLE_AFTER = 1.0
+# Seconds from the start of an attempt to the consume: pika's stack timeout covers the
+# handshake only, and a node that then stalls on the channel or the declarations
+# (a minority node, one still starting) would hold the worker for good, its
+# heartbeats keeping the connection alive.
+CONSUME_DEADLINE = 10.0
 # Seconds between AMQP heartbeats unless the URL sets ``heartbeat=``: a path cut
 # silently (no FIN, no RST) is noticed after two missed ones, instead of the
 # broker's 60 s proposal; as Go Rango's amqp091 client.
@@ -96,6 +101,7 @@ class Consumer:
         self._retry: asyncio.Handle | None = None
         self._rebind: asyncio.TimerHandle | None = None
         self._settle: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._reported = False
         _ignore_pika_connect_race(self._loop)
@@ -246,6 +252,26 @@ class Consumer:
         log.error("RabbitMQ channel closed: %s", reason)
         conn.close()  # reconnect from scratch in _on_closed
 
+    def _give_up_attempt(self) -> None:
+        """CONSUME_DEADLINE passed without a consume: drop the connection (next node).
+
+        Not close(): that closes the channels gracefully first, waiting for the
+        stalled node's answers; pika's own way to end a stream with an error is
+        used instead, which reports it to :meth:`_on_closed` as any lost connection.
+        """
+        self._deadline = None
+        conn = self._connection
+        if self.state is not State.CONNECTING or conn is None or conn.is_closed:
+            return
+        error = pika.exceptions.AMQPConnectionError(
+            f"no consume within {CONSUME_DEADLINE:.0f} s of connecting"
+        )
+        terminate = getattr(conn, "_terminate_stream", None)  # pika 1.x, private
+        if conn.is_open and terminate is not None:
+            terminate(error)
+        elif not conn.is_closing:
+            conn.close()  # still opening: aborts the attempt
+
     def _on_open_error(self, _conn: AsyncioConnection, error: BaseException) -> None:
         self._lost(f"cannot connect to RabbitMQ at {self.address}: {_describe(error)}")
 
@@ -288,6 +314,11 @@ class Consumer:
         if state is self.state:
             return
         previous, self.state = self.state, state
+        if previous is State.CONNECTING and self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if state is State.CONNECTING:
+            self._deadline = self._loop.call_later(CONSUME_DEADLINE, self._give_up_attempt)
         if previous is State.CONSUMING:
             for timer in (self._rebind, self._settle):
                 if timer is not None:

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from support.answers import assert_alive, recv_json, subscribed
-from support.broker import BROKER, TcpProxy, unique
+from support.broker import BROKER, StallingBroker, TcpProxy, unique
 from support.metrics import samples
 from support.outage import (
     RESUME,
@@ -168,3 +168,35 @@ def test_nodes_that_drop_every_connection_get_backoff_not_a_loop(rango_factory):
         assert not rango.exited()
         problems = amqp_problems(rango.log())
         assert len(problems) <= 2 * made + 4, problems
+
+
+def test_a_node_that_stalls_after_the_login_is_given_up(rango_factory, publisher_factory):
+    """A node that completes the AMQP handshake, then never opens the channel (heartbeats
+    would keep such a connection alive for good): the worker ends the attempt when no
+    consume came within 10 s of connecting, and consumes from the next node."""
+    stalling, spare = StallingBroker(), TcpProxy(BROKER)
+    with ExitStack() as stack:
+        stack.callback(stalling.close)
+        stack.callback(spare.close)
+        urls = f"amqp://guest:guest@127.0.0.1:{stalling.port}/," \
+               f"amqp://guest:guest@127.0.0.1:{spare.port}/"
+        started = time.monotonic()
+        rango = rango_factory(args=["--amqp-addr", urls, "--workers", "1"], wait=False)
+        wait_logged(rango, lambda: stalling.stalled >= 1, 10, "the channel left unanswered")
+
+        def on_spare() -> bool:
+            try:
+                return nodes(rango).get("0") == (f"127.0.0.1:{spare.port}", 1.0)
+            except OSError:  # the metrics port is not up yet
+                return False
+
+        wait_logged(rango, on_spare, 20, "consuming from the second node")
+        took = time.monotonic() - started
+        assert 9.0 <= took < 16.0, f"moved after {took:.1f} s"
+        [line] = amqp_problems(rango.log())
+        assert "no consume within 10 s" in line and f"trying 127.0.0.1:{spare.port}" in line
+        publisher = publisher_factory(rango.exchange)
+        stream = f"{unique()}.trades"
+        with rango.connect(query=f"stream={stream}") as ws:
+            assert recv_json(ws) == subscribed([stream])
+            first_marker_after(publisher, ws, stream, time.monotonic())

@@ -193,3 +193,71 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
     for sock in (src, dst):
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_RDWR)
+
+
+class StallingBroker:
+    """A fake node that answers the AMQP handshake as RabbitMQ does (Connection.Start,
+    Tune, OpenOk, built with pika's own frame classes) and then never answers
+    Channel.Open: a node that accepts logins but stalls on everything after them.
+    ``stalled`` counts the Channel.Open frames left unanswered."""
+
+    def __init__(self) -> None:
+        self.stalled = 0
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(8)
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = False
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.close()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        from pika import frame, spec
+
+        def send(method: Any) -> None:
+            conn.sendall(frame.Method(0, method).marshal())
+
+        conn.settimeout(None)
+        buffer = b""
+        try:
+            while len(buffer) < 8:  # the protocol header, b"AMQP\0\0\x09\x01"
+                buffer += conn.recv(8 - len(buffer)) or b"!" * 8
+            buffer = b""
+            send(spec.Connection.Start(server_properties={"product": "stalling"},
+                                       mechanisms="PLAIN", locales="en_US"))  # fmt: skip
+            while data := conn.recv(65536):
+                buffer += data
+                while True:
+                    consumed, decoded = frame.decode_frame(buffer)
+                    if decoded is None:
+                        break
+                    buffer = buffer[consumed:]
+                    method = getattr(decoded, "method", None)
+                    if isinstance(method, spec.Connection.StartOk):
+                        send(spec.Connection.Tune(channel_max=2047, frame_max=131072,
+                                                  heartbeat=10))  # fmt: skip
+                    elif isinstance(method, spec.Connection.Open):
+                        send(spec.Connection.OpenOk())
+                    elif isinstance(method, spec.Channel.Open):
+                        self.stalled += 1  # and never an OpenOk
+        except OSError:
+            pass
