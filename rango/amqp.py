@@ -88,7 +88,7 @@ class Consumer:
             raise ValueError("no broker URL")
         self._index = first % len(self.nodes)
         self._fixed_queue = queue
-        self.queue = queue or queue_name()
+        self.queue = ""  # the current connection's, named by _connect
         self.exchange = exchange
         self.on_event = on_event
         self.on_state = on_state
@@ -163,9 +163,9 @@ class Consumer:
         )
 
     def _abort_attempt(self) -> None:
-        """Give up a connection attempt pika's connect race has left hanging (see
-        :func:`_ignore_pika_connect_race`): closing an opening connection aborts it,
-        and :meth:`_on_open_error` moves on to the next node now."""
+        """Give up a connection attempt still opening, e.g. one pika's connect race has
+        left hanging (see :func:`_ignore_pika_connect_race`): closing an opening
+        connection aborts it, and :meth:`_on_open_error` moves on to the next node now."""
         conn = self._connection
         if self.state is State.CONNECTING and conn is not None and not (
             conn.is_open or conn.is_closing or conn.is_closed
@@ -261,16 +261,16 @@ class Consumer:
         """
         self._deadline = None
         conn = self._connection
-        if self.state is not State.CONNECTING or conn is None or conn.is_closed:
+        if self.state is not State.CONNECTING or conn is None or not conn.is_open:
+            self._abort_attempt()  # still opening (or already ending)
             return
-        error = pika.exceptions.AMQPConnectionError(
-            f"no consume within {CONSUME_DEADLINE:.0f} s of connecting"
-        )
         terminate = getattr(conn, "_terminate_stream", None)  # pika 1.x, private
-        if conn.is_open and terminate is not None:
-            terminate(error)
-        elif not conn.is_closing:
-            conn.close()  # still opening: aborts the attempt
+        if terminate is None:
+            conn.close()
+            return
+        terminate(pika.exceptions.AMQPConnectionError(
+            f"no consume within {CONSUME_DEADLINE:.0f} s of connecting"
+        ))
 
     def _on_open_error(self, _conn: AsyncioConnection, error: BaseException) -> None:
         self._lost(f"cannot connect to RabbitMQ at {self.address}: {_describe(error)}")

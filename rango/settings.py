@@ -433,7 +433,8 @@ def _check_with_pika(url: str, name: str, shown: str) -> None:
 def _check_amqp_url(url: str, name: str) -> str:
     """One ``--amqp-addr`` URL, checked as the workers will parse it; the messages
     quote it without its password."""
-    shown = repr(without_password(url))
+    masked = without_password(url)
+    shown = repr(masked)
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
@@ -451,7 +452,7 @@ def _check_amqp_url(url: str, name: str) -> str:
             f"{name}: {shown}: separate the URLs of a list with commas, each starting with "
             "amqp:// or amqps://"
         )
-    _check_with_pika(url, name, without_password(url))
+    _check_with_pika(url, name, masked)
     return url
 
 

@@ -221,10 +221,10 @@ def _wait_until_reparented() -> None:
 
 def _become_worker(
     control: socket.socket, config: Config, index: int, status_fd: int, metrics_dir: str
-) -> None:
+) -> NoReturn:
     """In the forked worker: drop the template's state, run the worker, exit."""
-    code = 1
-    try:
+
+    def run() -> int:
         name_process(f"rango-worker-{index}")  # not "rango-template": ps tells them apart
         control.close()
         _wait_until_reparented()
@@ -236,15 +236,9 @@ def _become_worker(
         gc.enable()
         from .worker import run_forked
 
-        code = run_forked(config)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return run_forked(config)
+
+    _exit_with(run)
 
 
 def become_template(
@@ -256,8 +250,8 @@ def become_template(
     its running loop: nothing here may touch that loop, and the process ends with
     ``os._exit`` rather than returning into it.
     """
-    code = 1
-    try:
+
+    def run() -> int:
         gc.disable()  # before anything is freed: no collection leaves holes in pages
         name_process("rango-template")
         signal.set_wakeup_fd(-1)  # the supervisor loop's: a signal here must not reach it
@@ -271,7 +265,18 @@ def become_template(
             del sys.modules[name]
         from importlib import import_module
 
-        code = import_module("rango.template").main(argv)
+        code: int = import_module("rango.template").main(argv)
+        return code
+
+    _exit_with(run)
+
+
+def _exit_with(run: Callable[[], int]) -> NoReturn:
+    """In a forked child: ``run()``, then end the process with its status, whatever
+    happens (a traceback for an error), never returning to what the parent was doing."""
+    code = 1
+    try:
+        code = run()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support.broker import BROKER, Publisher, TcpProxy
+from support.clients import Browser, chromium_path
 from support.cluster import rabbitmq_cluster, rabbitmq_cluster_session  # noqa: F401 - fixtures
 from support.gateway import Rango
 from support.tokens import KeyPair
@@ -83,3 +84,13 @@ def proxy() -> Iterator[TcpProxy]:
     p = TcpProxy(BROKER)
     yield p
     p.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """Headless Chromium (skipped where it is not installed), one per test module."""
+    chromium = chromium_path()
+    directory = tmp_path_factory.mktemp("chromium")
+    instance = Browser(chromium, directory / "profile", directory / "browser.log")
+    yield instance
+    instance.close()

@@ -12,9 +12,10 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from ..config import DEFAULT_EXCHANGE, ConfigError, amqp_urls_from_env, exchange_from_env
+from ..settings import without_password
 from ._common import FAILED, ToolError
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def amqp_channel(urls: str | Sequence[str], exchange: str) -> Iterator[BlockingC
             raise ToolError(f"--amqp-addr: {exc}") from None
         if "heartbeat" not in urlsplit(url).query:
             parameters.heartbeat = 0  # stdin may stay idle for long: keep the connection
-        where = redact(url)
+        where = without_password(url)
         try:
             connection = pika.BlockingConnection(parameters)
             break
@@ -118,15 +119,6 @@ def publish_events(
         channel.basic_publish(exchange, event.routing_key, event.body)
         count += 1
     return count
-
-
-def redact(url: str) -> str:
-    """``url`` without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
 
 
 def amqp_reason(exc: BaseException) -> str:

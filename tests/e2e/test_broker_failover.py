@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
@@ -26,9 +27,9 @@ from support.outage import (
 from support.polling import wait_logged
 
 
-def addr(*proxies: TcpProxy) -> list[str]:
-    """``--amqp-addr`` with one URL per proxy, in that order."""
-    urls = ",".join(f"amqp://guest:guest@127.0.0.1:{p.port}/" for p in proxies)
+def addr(*ports: int) -> list[str]:
+    """``--amqp-addr`` with one URL per local port, in that order."""
+    urls = ",".join(f"amqp://guest:guest@127.0.0.1:{port}/" for port in ports)
     return ["--amqp-addr", urls]
 
 
@@ -41,12 +42,32 @@ def nodes(rango: Any) -> dict[str, tuple[str, float]]:
     return found
 
 
+def consuming_on(rango: Any, port: int) -> Callable[[], bool]:
+    """Whether worker 0 consumes from the node on ``port`` (False until metrics answer)."""
+
+    def check() -> bool:
+        try:
+            return nodes(rango).get("0") == (f"127.0.0.1:{port}", 1.0)
+        except OSError:  # the metrics port is not up yet
+            return False
+
+    return check
+
+
+def delivers(rango: Any, publisher: Any) -> None:
+    """A new client of a fresh stream receives what is published now."""
+    stream = f"{unique()}.trades"
+    with rango.connect(query=f"stream={stream}") as ws:
+        assert recv_json(ws) == subscribed([stream])
+        first_marker_after(publisher, ws, stream, time.monotonic())
+
+
 def test_worker_moves_to_the_next_node_at_once(rango_factory, publisher_factory):
     lost, spare = TcpProxy(BROKER), TcpProxy(BROKER)
     with ExitStack() as stack:
         stack.callback(lost.close)
         stack.callback(spare.close)
-        rango = rango_factory(args=[*addr(lost, spare), "--workers", "1"])
+        rango = rango_factory(args=[*addr(lost.port, spare.port), "--workers", "1"])
         [worker] = rango.worker_pids()
         publisher = publisher_factory(rango.exchange)  # straight to the broker
         market = unique()
@@ -78,7 +99,7 @@ def test_workers_spread_over_the_nodes(rango_factory, publisher_factory):
     with ExitStack() as stack:
         stack.callback(first.close)
         stack.callback(second.close)
-        rango = rango_factory(args=[*addr(first, second), "--workers", "3"])
+        rango = rango_factory(args=[*addr(first.port, second.port), "--workers", "3"])
         wait_logged(rango, lambda: len(nodes(rango)) == 3, 10, "three workers' series")
         assert nodes(rango) == {
             "0": (f"127.0.0.1:{first.port}", 1.0),
@@ -93,7 +114,7 @@ def test_every_node_lost_then_one_back(rango_factory, publisher_factory):
     with ExitStack() as stack:
         stack.callback(one.close)
         stack.callback(two.close)
-        rango = rango_factory(args=[*addr(one, two), "--workers", "1"])
+        rango = rango_factory(args=[*addr(one.port, two.port), "--workers", "1"])
         publisher = publisher_factory(rango.exchange)
         market = unique()
         trades, book = open_book(stack, rango, publisher, market)
@@ -127,26 +148,16 @@ def test_a_node_that_accepts_and_stalls_is_given_up(rango_factory, publisher_fac
     with ExitStack() as stack:
         stack.callback(silent.close)
         stack.callback(spare.close)
-        urls = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/," \
-               f"amqp://guest:guest@127.0.0.1:{spare.port}/"
         started = time.monotonic()
-        rango = rango_factory(args=["--amqp-addr", urls, "--workers", "1"], wait=False)
-        def on_spare() -> bool:
-            try:
-                return nodes(rango).get("0") == (f"127.0.0.1:{spare.port}", 1.0)
-            except OSError:  # the metrics port is not up yet
-                return False
-
-        wait_logged(rango, on_spare, 15, "consuming from the second node")
+        rango = rango_factory(
+            args=[*addr(silent.getsockname()[1], spare.port), "--workers", "1"], wait=False
+        )
+        wait_logged(rango, consuming_on(rango, spare.port), 15, "consuming from the second node")
         took = time.monotonic() - started
         assert 4.0 <= took < 12.0, f"moved after {took:.1f} s"
         [line] = amqp_problems(rango.log())
         assert f"127.0.0.1:{silent.getsockname()[1]}" in line and "trying" in line, line
-        publisher = publisher_factory(rango.exchange)
-        stream = f"{unique()}.trades"
-        with rango.connect(query=f"stream={stream}") as ws:
-            assert recv_json(ws) == subscribed([stream])
-            first_marker_after(publisher, ws, stream, time.monotonic())
+        delivers(rango, publisher_factory(rango.exchange))
 
 
 def test_nodes_that_drop_every_connection_get_backoff_not_a_loop(rango_factory):
@@ -157,7 +168,7 @@ def test_nodes_that_drop_every_connection_get_backoff_not_a_loop(rango_factory):
     with ExitStack() as stack:
         stack.callback(one.close)
         stack.callback(two.close)
-        rango = rango_factory(args=[*addr(one, two), "--workers", "1"], wait=False)
+        rango = rango_factory(args=[*addr(one.port, two.port), "--workers", "1"], wait=False)
         wait_logged(rango, lambda: one.accepted + two.accepted >= 2, 10, "a first move")
         start, accepted = time.monotonic(), one.accepted + two.accepted
         # Reconnecting at once would make ~8 connections a second; with the backoff
@@ -178,25 +189,14 @@ def test_a_node_that_stalls_after_the_login_is_given_up(rango_factory, publisher
     with ExitStack() as stack:
         stack.callback(stalling.close)
         stack.callback(spare.close)
-        urls = f"amqp://guest:guest@127.0.0.1:{stalling.port}/," \
-               f"amqp://guest:guest@127.0.0.1:{spare.port}/"
         started = time.monotonic()
-        rango = rango_factory(args=["--amqp-addr", urls, "--workers", "1"], wait=False)
+        rango = rango_factory(
+            args=[*addr(stalling.port, spare.port), "--workers", "1"], wait=False
+        )
         wait_logged(rango, lambda: stalling.stalled >= 1, 10, "the channel left unanswered")
-
-        def on_spare() -> bool:
-            try:
-                return nodes(rango).get("0") == (f"127.0.0.1:{spare.port}", 1.0)
-            except OSError:  # the metrics port is not up yet
-                return False
-
-        wait_logged(rango, on_spare, 20, "consuming from the second node")
+        wait_logged(rango, consuming_on(rango, spare.port), 20, "consuming from the second node")
         took = time.monotonic() - started
         assert 9.0 <= took < 16.0, f"moved after {took:.1f} s"
         [line] = amqp_problems(rango.log())
         assert "no consume within 10 s" in line and f"trying 127.0.0.1:{spare.port}" in line
-        publisher = publisher_factory(rango.exchange)
-        stream = f"{unique()}.trades"
-        with rango.connect(query=f"stream={stream}") as ws:
-            assert recv_json(ws) == subscribed([stream])
-            first_marker_after(publisher, ws, stream, time.monotonic())
+        delivers(rango, publisher_factory(rango.exchange))

@@ -20,12 +20,11 @@ from support import REPO
 from support.answers import subscribed
 from support.broker import unique
 from support.clients import (
-    Browser,
     Lines,
-    chromium_path,
     page_url,
     publish_lines,
     serve_directory,
+    status_has,
     wscat_path,
 )
 from support.tokens import UID
@@ -154,21 +153,6 @@ def test_wscat_in_a_terminal(rango, keys):
 
 
 # Headless Chromium
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    chromium = chromium_path()
-    directory = tmp_path_factory.mktemp("chromium")
-    instance = Browser(chromium, directory / "profile", directory / "browser.log")
-    yield instance
-    instance.close()
-
-
-def status_has(*streams: str) -> str:
-    checks = " && ".join(f"s.includes({json.dumps(stream)})" for stream in streams)
-    status = "document.querySelector('#status').textContent"
-    return f"(s => s.startsWith('subscribed') && {checks})({status})"
 
 
 def text_is(selector: str, value: str) -> str:

@@ -277,6 +277,19 @@ def contiguous(numbers: list[int]) -> bool:
     return numbers == list(range(numbers[0], numbers[0] + len(numbers))) if numbers else True
 
 
+async def ticking_pages(
+    topo: Topology, stream: str, count: int
+) -> tuple[list[Page], dict[str, list[Page]], Ticker]:
+    """``count`` pages subscribed to ``stream`` through HAProxy, on every host, by host,
+    and a Ticker publishing on it that every page has heard from."""
+    pages = await open_pages(topo.haproxy.url(query=f"stream={stream}"), stream, count)
+    groups = by_server(topo, pages)
+    assert all(groups.values()), {n: len(g) for n, g in groups.items()}
+    ticker = Ticker(topo, f"public.{stream}")
+    await all_received(pages, 5)
+    return pages, groups, ticker
+
+
 def by_server(topo: Topology, pages: list[Page]) -> dict[str, list[Page]]:
     """The pages by the host HAProxy sent their current connection to."""
     sessions = topo.haproxy.sessions()
@@ -347,11 +360,7 @@ def test_a_host_killed_is_taken_out_and_its_clients_come_back_through_haproxy(to
     victim = "host1"
 
     async def scenario() -> None:
-        pages = await open_pages(topo.haproxy.url(query=f"stream={stream}"), stream, 300)
-        groups = by_server(topo, pages)
-        assert all(groups.values()), {n: len(g) for n, g in groups.items()}
-        ticker = Ticker(topo, f"public.{stream}")
-        await all_received(pages, 5)
+        pages, groups, ticker = await ticking_pages(topo, stream, 300)
 
         redispatched = int(topo.haproxy.stats()[victim]["wredis"])
         killed = time.monotonic()
@@ -401,11 +410,7 @@ def test_a_host_whose_broker_path_is_cut_is_taken_out_until_it_is_back(topo):
     host = topo.hosts[victim]
 
     async def scenario() -> None:
-        pages = await open_pages(topo.haproxy.url(query=f"stream={stream}"), stream, 90)
-        groups = by_server(topo, pages)
-        assert all(groups.values()), {n: len(g) for n, g in groups.items()}
-        ticker = Ticker(topo, f"public.{stream}")
-        await all_received(pages, 5)
+        pages, groups, ticker = await ticking_pages(topo, stream, 90)
 
         cut = time.monotonic()
         topo.network.cut(role)

@@ -13,7 +13,6 @@ where nginx (or Chromium, for the browser test) is not installed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import threading
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 from support.answers import recv_json, subscribed
 from support.broker import unique
-from support.clients import Browser, chromium_path, page_url
+from support.clients import page_url, status_has
 from support.nginx import CONF, PREFIX, Nginx, Recorder, SessionCheck, nginx_path, slow_readers
 from support.polling import wait_for, wait_logged
 from support.tokens import UID
@@ -130,21 +129,6 @@ def test_idle_connections_outlast_rangos_keepalive():
 
 
 # Headless Chromium through nginx.
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
-    chromium = chromium_path()
-    directory = tmp_path_factory.mktemp("chromium")
-    instance = Browser(chromium, directory / "profile", directory / "browser.log")
-    yield instance
-    instance.close()
-
-
-def status_has(*streams: str) -> str:
-    checks = " && ".join(f"s.includes({json.dumps(stream)})" for stream in streams)
-    status = "document.querySelector('#status').textContent"
-    return f"(s => s.startsWith('subscribed') && {checks})({status})"
 
 
 def test_browser_gets_private_orders_through_nginx(rango, nginx, publisher, keys, browser):

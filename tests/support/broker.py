@@ -12,6 +12,7 @@ import secrets
 import socket
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -140,13 +141,7 @@ class TcpProxy:
         self._listener.close()
 
     def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for client in _accepted(self._listener, lambda: self._closed):
             with self._lock:
                 enabled = self.enabled
                 if not enabled:
@@ -182,6 +177,19 @@ class TcpProxy:
                 self._pairs.remove((client, upstream))
         reset_socket(client)
         reset_socket(upstream)
+
+
+def _accepted(listener: socket.socket, closed: Callable[[], bool]) -> Iterator[socket.socket]:
+    """Connections accepted on ``listener`` (which has a short timeout, so that ``closed``
+    is polled) until ``closed()`` or the listener is closed."""
+    while not closed():
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        yield sock
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -220,13 +228,7 @@ class StallingBroker:
                 conn.close()
 
     def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+        for conn in _accepted(self._listener, lambda: self._closed):
             self._conns.append(conn)
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 

@@ -234,6 +234,14 @@ class Browser:
         self._log.close()
 
 
+def status_has(*streams: str) -> str:
+    """A page condition (JavaScript) for :meth:`Browser`'s waits: the example page's status
+    line says it is subscribed to every one of ``streams``."""
+    checks = " && ".join(f"s.includes({json.dumps(stream)})" for stream in streams)
+    status = "document.querySelector('#status').textContent"
+    return f"(s => s.startsWith('subscribed') && {checks})({status})"
+
+
 def page_url(base: str, ws_url: str, market: str) -> str:
     """``examples/orderbook.html`` under ``base``, preset to ``ws_url`` and ``market``."""
     return f"{base}/orderbook.html?url={ws_url}&market={market}"
