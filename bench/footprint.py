@@ -6,22 +6,29 @@ interpreter (``RANGO_PRELOAD=0``, the old way), alternating in one run. Also tim
 start-up (launch to every worker consuming, and each worker's spawn to ``listening``
 from the supervisor's log) and a SIGHUP rolling restart of all workers.
 
-    .venv/bin/python bench/footprint.py [--workers 1 2 4 8] [--rounds 1]
+    .venv/bin/python bench/footprint.py [--workers 1 2 4 8] [--rounds 1] [--python PY ...]
 
 No client is connected: this is what the processes cost by themselves. One JSON line
-per (mode, workers) with the load average. Pss moves with the other Python processes
-of the machine (they share the libraries' pages); Pss_Anon is the tree's own.
+per (interpreter, mode, workers) with the load average. Pss moves with the other Python
+processes of the machine (they share the libraries' pages); Pss_Anon is the tree's own.
+
+``--python`` (repeatable) runs Rango from this checkout under other interpreters too,
+side by side in the same run; each needs Rango's dependencies, e.g.
+``python3.12 -m venv bench/out/venv-3.12 && bench/out/venv-3.12/bin/pip install -e .``
+(then ``--python bench/out/venv-3.12/bin/python``).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import os
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +40,7 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 import run as bench  # noqa: E402
 from support import procfs  # noqa: E402
+from support.gateway import rango_args  # noqa: E402
 
 MB = 1024 * 1024
 SETTLE = 3.0  # seconds after ready: the first metrics syncs and AMQP set-up are done
@@ -104,9 +112,44 @@ def listening_times(server: bench.Server, since: int) -> list[float]:
     return [float(m.group(2)) for m in LISTENING.finditer(_log_after(server, since))]
 
 
-def one(args: argparse.Namespace, preload: bool, workers: int) -> dict[str, Any]:
+class Interpreter(bench.Target):
+    """``rango`` of this checkout (``python -m rango.cli`` in it) run by ``python``."""
+
+    def __init__(self, python: str) -> None:
+        super().__init__("rango")
+        self.python = python
+        self.version = subprocess.run(
+            [python, "-c", "import platform; print(platform.python_version())"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        self.label = f"rango-py{self.version}"
+
+    def argv(self, ctx: dict[str, Any]) -> list[str]:
+        return [
+            self.python, "-m", "rango.cli", "--workers", str(ctx["workers"]),
+            *rango_args(ctx["pubkey"], ctx["exchange"], ctx["amqp_url"]),
+        ]  # fmt: skip
+
+    def check(self) -> str | None:
+        """Why this interpreter cannot run Rango from here, or None."""
+        imports = "import jwt, orjson, pika, prometheus_client, uvloop, websockets"
+        done = subprocess.run(
+            [self.python, "-c", imports], cwd=bench.REPO, capture_output=True, text=True
+        )
+        if done.returncode == 0:
+            return None
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return (
+            f"--python {self.python} (Python {self.version}) cannot import Rango's "
+            f"dependencies ({last}): give it a venv with `pip install -e .`"
+        )
+
+
+def one(
+    args: argparse.Namespace, preload: bool, workers: int, python: Interpreter
+) -> dict[str, Any]:
     env = {"RANGO_PRELOAD": "1" if preload else "0", "LOG_LEVEL": "info"}
-    server = bench.Server(args, bench.Target("rango"), "footprint", workers=workers, env=env)
+    server = bench.Server(args, python, "footprint", workers=workers, env=env)
     server.start(wait=False)
     try:
         started = wait(lambda: workers_up(server, workers), 120, "workers up")
@@ -128,6 +171,7 @@ def one(args: argparse.Namespace, preload: bool, workers: int) -> dict[str, Any]
     return {
         "bench": "footprint",
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": python.version,
         "mode": "template" if preload else "spawn",
         "workers": workers,
         "results": {
@@ -166,20 +210,49 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
+def interpreters(paths: list[str] | None) -> list[Interpreter] | None:
+    """The interpreters of ``--python`` (default: this one); None, with the reason
+    printed, if one cannot run Rango from this checkout."""
+    try:
+        pythons = [Interpreter(path) for path in paths or [sys.executable]]
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"{sys.argv[0]}: an interpreter of --python does not run: {exc}", file=sys.stderr)
+        return None
+    for python in pythons:
+        problem = python.check()
+        if problem:
+            print(f"{sys.argv[0]}: {problem}", file=sys.stderr)
+            return None
+    return pythons
+
+
+def server_args() -> argparse.Namespace:
+    """What :class:`bench.Server` needs of ``bench/run.py``'s options."""
+    return argparse.Namespace(
+        workers=1, log_level="info", amqp_url="amqp://guest:guest@127.0.0.1:5672/",
+        server_env=None,
+    )  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also append the lines to this file")
-    own = parser.parse_args()
-    args = argparse.Namespace(
-        workers=1, log_level="info", amqp_url="amqp://guest:guest@127.0.0.1:5672/",
-        server_env=None,
+    parser.add_argument(
+        "--python", action="append", metavar="PY",
+        help="an interpreter to run Rango with (repeatable; default: this one)",
     )  # fmt: skip
+    own = parser.parse_args()
+    pythons = interpreters(own.python)
+    if pythons is None:
+        return 2
+    args = server_args()
     for _ in range(own.rounds):
         for workers in own.workers:
-            for preload in (False, True):  # side by side: the old way, then the new
-                line = one(args, preload, workers)
+            for python, preload in itertools.product(pythons, (False, True)):
+                # side by side: the old way, then the new, under each interpreter
+                line = one(args, preload, workers, python)
                 text = json.dumps(line, separators=(",", ":"))
                 print(text, flush=True)
                 if own.output:
