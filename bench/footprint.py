@@ -40,7 +40,6 @@ sys.path.insert(0, str(BENCH.parent / "tests"))
 
 import run as bench  # noqa: E402
 from support import procfs  # noqa: E402
-from support.gateway import rango_args  # noqa: E402
 
 MB = 1024 * 1024
 SETTLE = 3.0  # seconds after ready: the first metrics syncs and AMQP set-up are done
@@ -125,10 +124,7 @@ class Interpreter(bench.Target):
         self.label = f"rango-py{self.version}"
 
     def argv(self, ctx: dict[str, Any]) -> list[str]:
-        return [
-            self.python, "-m", "rango.cli", "--workers", str(ctx["workers"]),
-            *rango_args(ctx["pubkey"], ctx["exchange"], ctx["amqp_url"]),
-        ]  # fmt: skip
+        return [self.python, *super().argv(ctx)[1:]]  # this interpreter for sys.executable
 
     def check(self) -> str | None:
         """Why this interpreter cannot run Rango from here, or None."""
