@@ -149,12 +149,7 @@ def one(args: argparse.Namespace, python: footprint.Interpreter) -> dict[str, An
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--python",
-        action="append",
-        metavar="PY",
-        help="an interpreter to run Rango with (repeatable; default: this one)",
-    )
+    footprint.add_python_argument(parser)
     parser.add_argument("--rounds", type=int, default=1)
     own = parser.parse_args()
     pythons = footprint.interpreters(own.python)

@@ -206,6 +206,14 @@ def _spread(values: list[float]) -> dict[str, float] | None:
     return {"median": round(statistics.median(values), 3), "max": round(max(values), 3)}
 
 
+def add_python_argument(parser: argparse.ArgumentParser) -> None:
+    """``--python PY`` (repeatable), read by :func:`interpreters`."""
+    parser.add_argument(
+        "--python", action="append", metavar="PY",
+        help="an interpreter to run Rango with (repeatable; default: this one)",
+    )  # fmt: skip
+
+
 def interpreters(paths: list[str] | None) -> list[Interpreter] | None:
     """The interpreters of ``--python`` (default: this one); None, with the reason
     printed, if one cannot run Rango from this checkout."""
@@ -235,10 +243,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--output", type=Path, help="also append the lines to this file")
-    parser.add_argument(
-        "--python", action="append", metavar="PY",
-        help="an interpreter to run Rango with (repeatable; default: this one)",
-    )  # fmt: skip
+    add_python_argument(parser)
     own = parser.parse_args()
     pythons = interpreters(own.python)
     if pythons is None:
